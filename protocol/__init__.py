@@ -1,0 +1,46 @@
+"""The wire format: versioned models, Ed25519 signing and error codes. No I/O."""
+
+from .errors import ConfigError, ErrorCode, FairuError, JobError, RejectedError, RetryableError
+from .models import (
+    PROTOCOL_VERSION,
+    AgentState,
+    Durations,
+    Envelope,
+    ErrorInfo,
+    FinalStatus,
+    GpuInfo,
+    Heartbeat,
+    InputSpec,
+    JobResult,
+    JobSpec,
+    JobState,
+    Registration,
+    Resources,
+    StatusEvent,
+    utc_now,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "AgentState",
+    "ConfigError",
+    "Durations",
+    "Envelope",
+    "ErrorCode",
+    "ErrorInfo",
+    "FairuError",
+    "FinalStatus",
+    "GpuInfo",
+    "Heartbeat",
+    "InputSpec",
+    "JobError",
+    "JobResult",
+    "JobSpec",
+    "JobState",
+    "Registration",
+    "RejectedError",
+    "Resources",
+    "RetryableError",
+    "StatusEvent",
+    "utc_now",
+]

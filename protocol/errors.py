@@ -1,0 +1,71 @@
+"""Error codes carried by failed results, and the exception tree that maps to them.
+
+Every failure on an agent ends as a `JobResult` whose `error.code` is one of
+`ErrorCode`. Exceptions raised inside fairu derive from `FairuError`:
+
+    FairuError
+    ├── ConfigError            bad site config or CLI input; never reaches a result
+    └── JobError               ends one job with `code`
+        ├── RejectedError      the message is refused before anything runs
+        └── RetryableError     a transient failure; the delivery may be retried
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    # The envelope and its signature.
+    MESSAGE_TOO_LARGE = "message_too_large"
+    BAD_ENVELOPE = "bad_envelope"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    # The payload.
+    BAD_PAYLOAD = "bad_payload"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    EXPIRED = "expired"
+    AUDIENCE_MISMATCH = "audience_mismatch"
+    POLICY_VIOLATION = "policy_violation"
+    # Inputs.
+    INPUT_FETCH_FAILED = "input_fetch_failed"
+    INPUT_DIGEST_MISMATCH = "input_digest_mismatch"
+    INPUT_UNPACK_FAILED = "input_unpack_failed"
+    # The container.
+    RUNTIME_UNAVAILABLE = "runtime_unavailable"
+    CONTAINER_FAILED = "container_failed"
+    NONZERO_EXIT = "nonzero_exit"
+    TIMED_OUT = "timed_out"
+    # Outputs.
+    MISSING_SCORES = "missing_scores"
+    BAD_SCORES = "bad_scores"
+    # Anything else: a bug in fairu, reported instead of losing the job.
+    INTERNAL_ERROR = "internal_error"
+
+
+class FairuError(Exception):
+    """Base of every error that fairu raises on purpose."""
+
+
+class ConfigError(FairuError):
+    """A site config, key file or command-line value is invalid; the message says the fix."""
+
+
+class JobError(FairuError):
+    """A failure that ends one job with a failed result carrying `code`."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class RejectedError(JobError):
+    """The message is refused before any of its work starts (signature, expiry, policy)."""
+
+
+class RetryableError(JobError):
+    """A transient failure (a network error while fetching inputs, the runtime down)."""

@@ -1,0 +1,220 @@
+"""Versioned wire models. Every model forbids unknown fields and is immutable.
+
+Payload models carry `protocol` and a `kind` literal, so a payload signed for one
+purpose never validates as another. Sizes are capped here so that a hostile message
+is rejected by validation instead of exhausting an agent.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+PROTOCOL_VERSION = 1
+
+# Competition, queue and input names end up in queue names and paths, so they are
+# kept to a conservative alphabet without dots or slashes.
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Base64Text = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+ShortText = Annotated[str, StringConstraints(max_length=4096)]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+ScoreName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+MAX_LOG_TAIL_CHARS = 64 * 1024
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False
+    )
+
+
+# --- Signed envelope -------------------------------------------------------------
+
+
+class Certificate(Model):
+    """A signing key's certificate: `body` is the exact bytes the issuer signed."""
+
+    body: Annotated[Base64Text, StringConstraints(max_length=4096)]
+    signature: Annotated[Base64Text, StringConstraints(max_length=128)]
+
+
+class Envelope(Model):
+    """A payload and the Ed25519 signature over its exact bytes.
+
+    `payload` is base64 of the bytes that were signed; the receiver verifies the
+    signature before it decodes those bytes as JSON. `certificate`, when present,
+    vouches for the key named by `key_id`.
+    """
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    key_id: Identifier
+    signature: Annotated[Base64Text, StringConstraints(max_length=128)]
+    payload: Annotated[Base64Text, StringConstraints(max_length=16 * 1024 * 1024)]
+    certificate: Certificate | None = None
+
+
+# --- Jobs ------------------------------------------------------------------------
+
+
+class InputSpec(Model):
+    """One input file, fetched by URL and checked against its digest and size."""
+
+    name: Name
+    url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]
+    sha256: Sha256Hex
+    size: Annotated[int, Field(ge=0, le=64 * 1024**3)]
+    # A single path component; the input appears at /inputs/<mount> in the container.
+    mount: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+    # "tar" extracts a tar archive (optionally gzip-compressed) into /inputs/<mount>/.
+    unpack: Literal["none", "tar"] = "none"
+
+
+class Resources(Model):
+    cpus: Annotated[float, Field(gt=0, le=1024)] = 1.0
+    memory_mb: Annotated[int, Field(gt=0, le=16 * 1024 * 1024)] = 1024
+    gpus: Annotated[int, Field(ge=0, le=64)] = 0
+    walltime_s: Annotated[int, Field(gt=0, le=7 * 24 * 3600)] = 3600
+
+
+class JobSpec(Model):
+    """One evaluation job: an image, a command, its inputs and its resource request.
+
+    The container writes its scores to /output/scores.json.
+    """
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["job"] = "job"
+    job_id: Identifier
+    competition: Name
+    queue: Name
+    submission_id: Identifier
+    image: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    command: Annotated[list[ShortText], Field(min_length=1, max_length=64)]
+    env: Annotated[dict[EnvName, ShortText], Field(max_length=64)] = {}
+    inputs: Annotated[list[InputSpec], Field(max_length=32)] = []
+    resources: Resources = Resources()
+    created_at: AwareDatetime
+    expires_at: AwareDatetime
+
+
+# --- Events and results ----------------------------------------------------------
+
+
+class JobState(StrEnum):
+    RECEIVED = "received"
+    VERIFIED = "verified"
+    FETCHING = "fetching"
+    RUNNING = "running"
+    READING_SCORES = "reading_scores"
+
+
+class FinalStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+class StatusEvent(Model):
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["status"] = "status"
+    job_id: Identifier
+    agent_id: Identifier
+    state: JobState
+    at: AwareDatetime
+    detail: Annotated[str, StringConstraints(max_length=1024)] = ""
+
+
+class ErrorInfo(Model):
+    code: str
+    message: Annotated[str, StringConstraints(max_length=4096)]
+
+
+class Durations(Model):
+    """Seconds spent in each stage of the pipeline, from a monotonic clock."""
+
+    fetch_s: Annotated[float, Field(ge=0)] = 0.0
+    run_s: Annotated[float, Field(ge=0)] = 0.0
+    total_s: Annotated[float, Field(ge=0)] = 0.0
+
+
+class JobResult(Model):
+    """The one final result of a job on an agent; `error` is set unless it succeeded.
+
+    `job_id` is "unknown" when a message was rejected before its payload could be read.
+    """
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["result"] = "result"
+    job_id: Identifier
+    agent_id: Identifier
+    site: Name
+    competition: Name | None = None
+    queue: Name | None = None
+    submission_id: Identifier | None = None
+    status: FinalStatus
+    exit_code: int | None = None
+    scores: Annotated[dict[ScoreName, float], Field(max_length=256)] = {}
+    log_tail: Annotated[str, StringConstraints(max_length=MAX_LOG_TAIL_CHARS)] = ""
+    log_truncated: bool = False
+    durations: Durations = Durations()
+    error: ErrorInfo | None = None
+    finished_at: AwareDatetime
+
+
+# --- Agents ----------------------------------------------------------------------
+
+
+class GpuInfo(Model):
+    index: Annotated[int, Field(ge=0)]
+    uuid: Annotated[str, StringConstraints(max_length=128)]
+    name: Annotated[str, StringConstraints(max_length=256)]
+    memory_total_bytes: Annotated[int, Field(ge=0)] | None = None
+
+
+class AgentState(StrEnum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class Registration(Model):
+    """Sent once per broker session; `public_key` is the agent's Ed25519 identity."""
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["registration"] = "registration"
+    agent_id: Identifier
+    site: Name
+    version: Annotated[str, StringConstraints(max_length=64)]
+    public_key: Annotated[Base64Text, StringConstraints(max_length=64)]
+    cpu_cores: Annotated[int, Field(ge=0)]
+    memory_bytes: Annotated[int, Field(ge=0)]
+    gpus: Annotated[list[GpuInfo], Field(max_length=256)] = []
+    queues: Annotated[list[Annotated[str, StringConstraints(max_length=255)]], Field(max_length=256)]
+    slots: Annotated[int, Field(ge=0)]
+    running_jobs: Annotated[list[Identifier], Field(max_length=1024)] = []
+    free_slots: Annotated[int, Field(ge=0)]
+    at: AwareDatetime
+
+
+class Heartbeat(Model):
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["heartbeat"] = "heartbeat"
+    agent_id: Identifier
+    site: Name
+    state: AgentState
+    running_jobs: Annotated[list[Identifier], Field(max_length=1024)] = []
+    free_slots: Annotated[int, Field(ge=0)]
+    at: AwareDatetime
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,206 @@
+"""Ed25519 keys, signed envelopes, and strict decoding of signed payloads.
+
+The order of checks on a received message is fixed: size, envelope shape, key,
+signature over the exact payload bytes, and only then JSON decoding of the payload.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from pydantic import BaseModel, ValidationError
+
+from .errors import ConfigError, ErrorCode, RejectedError
+from .models import PROTOCOL_VERSION, Envelope
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+# A job envelope with its certificate is a few kilobytes; inputs travel by URL.
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+def generate_private_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def public_key_text(key: Ed25519PublicKey) -> str:
+    """Return the raw 32-byte public key as base64, the form site configs use."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def load_public_key_text(text: str) -> Ed25519PublicKey:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigError(
+            f"invalid Ed25519 public key {text[:60]!r}: expected the base64 of 32 raw "
+            "bytes, as printed by `fairu-admin keys init`"
+        ) from exc
+
+
+def key_id_for(key: Ed25519PublicKey) -> str:
+    """Derive a stable key id from the public key, so ids cannot be forged apart from keys."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def write_private_key(
+    path: Path, key: Ed25519PrivateKey, passphrase: bytes | None = None
+) -> None:
+    """Write a PKCS#8 PEM file with mode 0600; refuse to overwrite an existing key."""
+    encryption: serialization.KeySerializationEncryption
+    if passphrase:
+        encryption = serialization.BestAvailableEncryption(passphrase)
+    else:
+        encryption = serialization.NoEncryption()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise ConfigError(
+            f"key file {path} already exists; move it away or choose another folder"
+        ) from exc
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519PrivateKey:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read private key {path}: {exc.strerror}") from exc
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"invalid private key file {path}: {exc}; expected a PEM file written by "
+            "`fairu-admin keys init` (and its passphrase, if it has one)"
+        ) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"private key {path} is not an Ed25519 key")
+    return key
+
+
+def sign_payload(
+    payload: bytes, key: Ed25519PrivateKey, key_id: str | None = None
+) -> Envelope:
+    if key_id is None:
+        key_id = key_id_for(key.public_key())
+    return Envelope(
+        key_id=key_id,
+        signature=base64.b64encode(key.sign(payload)).decode("ascii"),
+        payload=base64.b64encode(payload).decode("ascii"),
+    )
+
+
+def sign_model(model: BaseModel, key: Ed25519PrivateKey, key_id: str | None = None) -> bytes:
+    """Serialize `model`, sign it, and return the envelope as JSON bytes."""
+    envelope = sign_payload(model.model_dump_json().encode(), key, key_id)
+    return envelope.model_dump_json(exclude_none=True).encode()
+
+
+def decode_envelope(
+    body: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> Envelope:
+    if len(body) > max_bytes:
+        raise RejectedError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"message of {len(body)} bytes exceeds the limit of {max_bytes} bytes",
+        )
+    try:
+        return Envelope.model_validate_json(body)
+    except ValidationError as exc:
+        raise RejectedError(
+            ErrorCode.BAD_ENVELOPE, f"invalid envelope: {describe_validation(exc)}"
+        ) from None
+
+
+def verify_envelope(
+    envelope: Envelope, trusted_keys: Mapping[str, Ed25519PublicKey]
+) -> bytes:
+    """Return the payload bytes once the signature checks out against a trusted key."""
+    key = trusted_keys.get(envelope.key_id)
+    if key is None:
+        raise RejectedError(
+            ErrorCode.UNKNOWN_KEY,
+            f"signing key {envelope.key_id!r} is not trusted by this agent",
+        )
+    try:
+        signature = base64.b64decode(envelope.signature, validate=True)
+        payload = base64.b64decode(envelope.payload, validate=True)
+    except binascii.Error:
+        raise RejectedError(
+            ErrorCode.BAD_ENVELOPE, "signature or payload is not valid base64"
+        ) from None
+    try:
+        key.verify(signature, payload)
+    except InvalidSignature:
+        raise RejectedError(
+            ErrorCode.BAD_SIGNATURE,
+            f"signature does not match the payload for key {envelope.key_id!r}",
+        ) from None
+    return payload
+
+
+def parse_payload(payload: bytes, model: type[ModelT]) -> ModelT:
+    """Decode verified payload bytes strictly into `model`."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RejectedError(
+            ErrorCode.BAD_PAYLOAD, f"payload is not valid UTF-8 at byte {exc.start}"
+        ) from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise RejectedError(ErrorCode.BAD_PAYLOAD, f"payload is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise RejectedError(ErrorCode.BAD_PAYLOAD, "payload is not a JSON object")
+    version = data.get("protocol")
+    if version != PROTOCOL_VERSION:
+        raise RejectedError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version!r} is not supported; this agent speaks "
+            f"version {PROTOCOL_VERSION}",
+        )
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        raise RejectedError(
+            ErrorCode.BAD_PAYLOAD, f"invalid {model.__name__}: {describe_validation(exc)}"
+        ) from None
+
+
+def describe_validation(exc: ValidationError, limit: int = 5) -> str:
+    """Summarise a pydantic error as `field: reason` pairs, without echoing input values."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False)[:limit]:
+        location = ".".join(str(item) for item in error["loc"]) or "(root)"
+        parts.append(f"{location}: {error['msg']}")
+    more = exc.error_count() - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed in fairu messages")
