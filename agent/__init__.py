@@ -1,0 +1,1 @@
+"""The site agent: config, broker session, capacity probe, job pipeline, state."""

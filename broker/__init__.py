@@ -1,0 +1,1 @@
+"""The platform side: topology, the admin CLI, the coordinator, the artifact server."""

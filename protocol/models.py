@@ -148,12 +148,15 @@ class Durations(Model):
 class JobResult(Model):
     """The one final result of a job on an agent; `error` is set unless it succeeded.
 
-    `job_id` is "unknown" when a message was rejected before its payload could be read.
+    `authenticated` is false when the message was rejected before its signature
+    checked out: `job_id` is then only what the unverified payload claimed, or
+    "unknown", and the platform must not record the result as that job's outcome.
     """
 
     protocol: Literal[1] = PROTOCOL_VERSION
     kind: Literal["result"] = "result"
     job_id: Identifier
+    authenticated: bool = True
     agent_id: Identifier
     site: Name
     competition: Name | None = None

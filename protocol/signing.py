@@ -204,3 +204,17 @@ def describe_validation(exc: ValidationError, limit: int = 5) -> str:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed in fairu messages")
+
+
+def open_unverified(body: bytes, model: type[ModelT], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> ModelT:
+    """Decode a signed message without checking its signature.
+
+    Only for showing progress to a person (as `fairu-admin submit --wait` does);
+    anything that records or acts on a message verifies it first.
+    """
+    envelope = decode_envelope(body, max_bytes)
+    try:
+        payload = base64.b64decode(envelope.payload, validate=True)
+    except binascii.Error:
+        raise RejectedError(ErrorCode.BAD_ENVELOPE, "payload is not valid base64") from None
+    return parse_payload(payload, model)

@@ -1,0 +1,154 @@
+"""The site config: one TOML file that an operator writes and `fairu-agent start` reads.
+
+Relative paths in the file are resolved against the folder that holds the file.
+Unknown keys are errors, so a misspelt setting never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fairu.protocol.errors import ConfigError
+from fairu.protocol.models import Name
+from fairu.protocol.signing import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    describe_validation,
+    key_id_for,
+    load_public_key_text,
+)
+from fairu.protocol.topology import job_queue_name
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteSection(Section):
+    name: Name
+
+
+class BrokerSection(Section):
+    url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    heartbeat_s: Annotated[int, Field(ge=0, le=600)] = 30
+
+
+class TrustSection(Section):
+    # Base64 Ed25519 public keys of the job-signing keys, inline or in files.
+    signing_keys: list[str] = []
+    signing_key_files: list[Path] = []
+
+
+class QueueSection(Section):
+    competition: Name
+    name: Name
+
+    @property
+    def amqp_name(self) -> str:
+        return job_queue_name(self.competition, self.name)
+
+
+class AgentSection(Section):
+    state_dir: Path
+    slots: Annotated[int, Field(ge=1, le=1024)] = 1
+    heartbeat_interval_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    stop_grace_s: Annotated[float, Field(ge=0, le=7 * 24 * 3600)] = 30.0
+    max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = (
+        DEFAULT_MAX_MESSAGE_BYTES
+    )
+    # Clock skew tolerated when checking created_at and expires_at.
+    clock_skew_s: Annotated[float, Field(ge=0, le=3600)] = 60.0
+    health_listen: str = "127.0.0.1:0"
+
+
+class PodmanSection(Section):
+    # Either the API socket URL, or the user whose rootless socket to use.
+    socket: str | None = None
+    user: str | None = None
+    tmpfs_size: str = "256m"
+    log_cap_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    ulimits: dict[str, tuple[int, int]] = {}
+
+    def socket_url(self) -> str:
+        if self.socket and self.user:
+            raise ConfigError("set either runner.podman.socket or runner.podman.user, not both")
+        if self.socket:
+            return self.socket
+        if self.user:
+            try:
+                uid = pwd.getpwnam(self.user).pw_uid
+            except KeyError:
+                raise ConfigError(
+                    f"runner.podman.user {self.user!r} does not exist on this host; "
+                    "create it (scripts/setup-host.sh does) or set runner.podman.socket"
+                ) from None
+        else:
+            uid = os.getuid()
+        return f"unix:///run/user/{uid}/podman/podman.sock"
+
+
+class RunnerSection(Section):
+    kind: Literal["podman", "null"] = "podman"
+    podman: PodmanSection = PodmanSection()
+
+
+class SiteConfig(Section):
+    site: SiteSection
+    broker: BrokerSection = BrokerSection()
+    trust: TrustSection
+    agent: AgentSection
+    queues: Annotated[list[QueueSection], Field(min_length=1)]
+    runner: RunnerSection = RunnerSection()
+
+    def trusted_keys(self) -> dict[str, Ed25519PublicKey]:
+        keys: dict[str, Ed25519PublicKey] = {}
+        texts = list(self.trust.signing_keys)
+        for path in self.trust.signing_key_files:
+            try:
+                texts.append(path.read_text().strip())
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read trust.signing_key_files entry {path}: {exc.strerror}; "
+                    "write it with `fairu-admin keys init` or fix the path"
+                ) from None
+        for text in texts:
+            key = load_public_key_text(text)
+            keys[key_id_for(key)] = key
+        if not keys:
+            raise ConfigError(
+                "the [trust] section names no signing key: add signing_keys or "
+                "signing_key_files, or the agent could accept no job"
+            )
+        return keys
+
+
+def load_config(path: Path) -> SiteConfig:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read site config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"site config {path} is not valid TOML: {exc}") from None
+    try:
+        config = SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid site config {path}: {describe_validation(exc)}") from None
+    return _resolve_paths(config, path.parent.resolve())
+
+
+def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
+    def resolve(value: Path) -> Path:
+        value = value.expanduser()
+        return value if value.is_absolute() else base / value
+
+    trust = config.trust.model_copy(
+        update={"signing_key_files": [resolve(p) for p in config.trust.signing_key_files]}
+    )
+    agent = config.agent.model_copy(update={"state_dir": resolve(config.agent.state_dir)})
+    return config.model_copy(update={"trust": trust, "agent": agent})

@@ -1,0 +1,475 @@
+"""The agent daemon: broker sessions, deliveries, heartbeats and a clean stop.
+
+One `Agent` owns one broker session at a time and reconnects with jittered
+exponential backoff when it drops. Jobs run as tasks and keep running across a
+reconnect; a delivery is acked only on the session that carried it, because a
+delivery tag means nothing on another channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from fairu import __version__
+from fairu.protocol.errors import RejectedError
+from fairu.protocol.models import (
+    AgentState,
+    Heartbeat,
+    JobSpec,
+    Registration,
+    StatusEvent,
+    utc_now,
+)
+from fairu.protocol.signing import public_key_text, sign_model
+from fairu.protocol.topology import (
+    EVENTS_EXCHANGE,
+    RESULTS_EXCHANGE,
+    heartbeat_routing_key,
+    registration_routing_key,
+    result_routing_key,
+    status_routing_key,
+)
+from fairu.runners.base import Runner, RunnerUnavailable
+
+from .config import SiteConfig
+from .fetch import InputCache
+from .pipeline import JobPipeline, Outcome, PipelineSettings
+from .probe import Capacity, probe_capacity
+from .session import AmqpSession, Delivery, SessionError
+from .state import Identity, StateDir
+
+logger = logging.getLogger(__name__)
+
+RECONNECT_MIN_S = 1.0
+RECONNECT_MAX_S = 30.0
+# A session that stayed up this long resets the backoff to its minimum.
+STABLE_SESSION_S = 60.0
+
+
+class AgentError(Exception):
+    """The agent cannot serve (bad config, broker refuses it, runtime missing)."""
+
+
+@dataclass
+class RunningJob:
+    job: JobSpec
+    session: AmqpSession
+    delivery: Delivery
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _Stop:
+    requested: asyncio.Event = field(default_factory=asyncio.Event)
+    immediate: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Agent:
+    def __init__(self, config: SiteConfig, runner: Runner) -> None:
+        self.config = config
+        self.runner = runner
+        self.state = StateDir(config.agent.state_dir)
+        self.identity: Identity | None = None
+        self.capacity: Capacity | None = None
+        self.session: AmqpSession | None = None
+        self.connected = asyncio.Event()
+        self.running: dict[str, RunningJob] = {}
+        self.agent_state = AgentState.STARTING
+        self._stop = _Stop()
+        self._abandon_publishing = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pipeline: JobPipeline | None = None
+
+    @property
+    def agent_id(self) -> str:
+        return self.identity.agent_id if self.identity else "unregistered"
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.config.agent.slots - len(self.running))
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def request_stop(self, immediate: bool = False) -> None:
+        if self._stop.requested.is_set() and not immediate:
+            return
+        logger.info("agent %s stopping%s", self.agent_id, " now" if immediate else "")
+        self._stop.requested.set()
+        if immediate:
+            self._stop.immediate.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self) -> None:
+        # The first SIGINT drains like SIGTERM; a second one stops at once.
+        self.request_stop(immediate=self._stop.requested.is_set())
+
+    async def run(self) -> None:
+        await asyncio.to_thread(self.state.prepare)
+        self.identity = await asyncio.to_thread(
+            self.state.load_identity, self.config.site.name
+        )
+        trusted = self.config.trusted_keys()
+        self.capacity = await asyncio.to_thread(probe_capacity)
+        logger.info(
+            "agent %s starting: site %s, %d cores, %d MiB, %d GPUs, %d slots, queues %s",
+            self.agent_id,
+            self.config.site.name,
+            self.capacity.cpu_cores,
+            self.capacity.memory_bytes // 2**20,
+            len(self.capacity.gpus),
+            self.config.agent.slots,
+            ", ".join(q.amqp_name for q in self.config.queues),
+        )
+        try:
+            await self.runner.check()
+        except RunnerUnavailable as exc:
+            raise AgentError(str(exc)) from None
+        removed = await self.runner.remove_labelled(self.agent_id)
+        if removed:
+            logger.warning("agent %s removed %d containers left from before", self.agent_id, removed)
+
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+        ) as http:
+            self._pipeline = JobPipeline(
+                PipelineSettings(
+                    site=self.config.site.name,
+                    max_message_bytes=self.config.agent.max_message_bytes,
+                    clock_skew_s=self.config.agent.clock_skew_s,
+                ),
+                self.identity,
+                trusted,
+                self.state,
+                InputCache(self.state.cache, http),
+                self.runner,
+                self,
+            )
+            try:
+                await self._serve_until_stopped()
+            finally:
+                await self._shutdown()
+        logger.info("agent %s stopped", self.agent_id)
+
+    async def _serve_until_stopped(self) -> None:
+        attempt = 0
+        while not self._stop.requested.is_set():
+            began = time.monotonic()
+            try:
+                await self._serve_session()
+                attempt = 0
+            except SessionError as exc:
+                if exc.permanent:
+                    raise AgentError(str(exc)) from None
+                if time.monotonic() - began > STABLE_SESSION_S:
+                    attempt = 0
+                attempt += 1
+                delay = min(RECONNECT_MAX_S, RECONNECT_MIN_S * 2 ** (attempt - 1))
+                delay *= random.uniform(0.5, 1.0)
+                logger.warning(
+                    "agent %s broker session failed (%s); reconnect attempt %d in %.1f s",
+                    self.agent_id, exc, attempt, delay,
+                )
+                await self._sleep_unless_stopped(delay)
+
+    async def _serve_session(self) -> None:
+        session = AmqpSession(
+            self.config.broker.url,
+            name=f"fairu-agent {self.agent_id}",
+            heartbeat_s=self.config.broker.heartbeat_s,
+        )
+        await session.open()
+        try:
+            await self._subscribe(session)
+            assert session.closed is not None
+            stop = asyncio.create_task(self._stop.requested.wait())
+            await asyncio.wait({stop, session.closed}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if session.closed.done():
+                raise SessionError(session.closed.result())
+        finally:
+            self.connected.clear()
+
+    async def _subscribe(self, session: AmqpSession) -> None:
+        for queue in self.config.queues:
+            if not await session.queue_exists(queue.amqp_name):
+                raise SessionError(
+                    f"queue {queue.amqp_name} does not exist on the broker; create it "
+                    f"with `fairu-admin queues create {queue.name} --competition "
+                    f"{queue.competition}` or fix [[queues]] in the site config",
+                    permanent=True,
+                )
+        await session.set_prefetch(self.config.agent.slots)
+        self.session = session
+        self.connected.set()
+        await self._flush_spool(session)
+        await self._publish_registration(session)
+        self.agent_state = AgentState.SERVING
+        for queue in self.config.queues:
+            await session.consume(queue.amqp_name, self._on_delivery)
+        heartbeat = asyncio.create_task(self._heartbeat_loop(session))
+        self._track(heartbeat)
+        logger.info("agent %s serving %d queues", self.agent_id, len(self.config.queues))
+
+    async def _shutdown(self) -> None:
+        self.agent_state = AgentState.DRAINING
+        session = self.session
+        if session is not None and session.is_open:
+            # Closing the channel's consumers stops new deliveries; prefetched ones
+            # that never started are returned by the broker when the channel closes.
+            for tag in list(session.channel.consumer_tags):
+                try:
+                    await session.cancel(tag)
+                except SessionError:
+                    break
+        await self._drain()
+        self.agent_state = AgentState.STOPPED
+        if session is not None and session.is_open:
+            try:
+                await self._publish_heartbeat(session)
+            except SessionError as exc:
+                logger.warning("agent %s could not send its last heartbeat: %s", self.agent_id, exc)
+        self._abandon_publishing.set()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if session is not None:
+            await session.close()
+        await self.runner.close()
+        await asyncio.to_thread(self.state.close)
+
+    async def _drain(self) -> None:
+        jobs = [job.task for job in self.running.values() if job.task is not None]
+        if not jobs:
+            return
+        grace = 0.0 if self._stop.immediate.is_set() else self.config.agent.stop_grace_s
+        logger.info(
+            "agent %s waiting up to %.0f s for %d running jobs", self.agent_id, grace, len(jobs)
+        )
+        immediate = asyncio.create_task(self._stop.immediate.wait())
+        all_done = asyncio.create_task(asyncio.wait(jobs))
+        await asyncio.wait({immediate, all_done}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        immediate.cancel()
+        all_done.cancel()
+        unfinished = [job for job in self.running.values() if job.task and not job.task.done()]
+        for job in unfinished:
+            logger.warning(
+                "agent %s handing job %s back to the broker for redelivery",
+                self.agent_id, job.job.job_id,
+            )
+            assert job.task is not None
+            job.task.cancel()
+        await asyncio.gather(*(job.task for job in unfinished if job.task), return_exceptions=True)
+        for job in unfinished:
+            self._settle(job.session, job.delivery, requeue=True)
+
+    async def _sleep_unless_stopped(self, delay: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.requested.wait(), delay)
+        except TimeoutError:
+            pass
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- deliveries -------------------------------------------------------------
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        session = self.session
+        assert session is not None
+        task = asyncio.create_task(self._handle(session, delivery))
+        self._track(task)
+
+    async def _handle(self, session: AmqpSession, delivery: Delivery) -> None:
+        assert self._pipeline is not None
+        pipeline = self._pipeline
+        job: JobSpec | None = None
+        try:
+            job = pipeline.authenticate(delivery)
+            pipeline.admit(job, delivery)
+        except RejectedError as exc:
+            outcome = await pipeline.reject(delivery, exc, job)
+            self._settle_outcome(session, delivery, outcome)
+            return
+
+        running = self.running.get(job.job_id)
+        if running is not None:
+            # The broker redelivered a job that is still running here, after the
+            # session that carried it dropped: ack the new delivery when it ends.
+            logger.info("job %s redelivered while running; not starting it twice", job.job_id)
+            running.session, running.delivery = session, delivery
+            return
+
+        record = await asyncio.to_thread(self.state.finished, job.job_id)
+        if record is not None:
+            outcome = await pipeline.replay(job.job_id, record.result)
+            self._settle_outcome(session, delivery, outcome)
+            return
+
+        running = RunningJob(job, session, delivery, asyncio.current_task())  # type: ignore[arg-type]
+        self.running[job.job_id] = running
+        try:
+            outcome = await pipeline.execute(job)
+        finally:
+            self.running.pop(job.job_id, None)
+        self._settle_outcome(running.session, running.delivery, outcome)
+
+    def _settle_outcome(self, session: AmqpSession, delivery: Delivery, outcome: Outcome) -> None:
+        self._settle(session, delivery, requeue=False, dead_letter=outcome.dead_letter)
+
+    def _settle(
+        self,
+        session: AmqpSession,
+        delivery: Delivery,
+        *,
+        requeue: bool,
+        dead_letter: bool = False,
+    ) -> None:
+        if session is not self.session or not session.is_open:
+            # The broker already returned this delivery to its queue when the
+            # session closed; the redelivery is answered from the job record.
+            logger.info(
+                "delivery %d from %s belongs to a closed session; the broker requeued it",
+                delivery.delivery_tag, delivery.queue,
+            )
+            return
+        if requeue:
+            session.nack(delivery.delivery_tag, requeue=True)
+        elif dead_letter:
+            session.nack(delivery.delivery_tag, requeue=False)
+        else:
+            session.ack(delivery.delivery_tag)
+
+    # --- publishing (the pipeline's `Publisher`) --------------------------------
+
+    async def publish_status(self, event: StatusEvent) -> None:
+        session = self.session
+        if session is None or not session.is_open:
+            return
+        assert self.identity is not None
+        body = sign_model(event, self.identity.key, self.identity.agent_id)
+        try:
+            await session.publish(
+                EVENTS_EXCHANGE, status_routing_key(event.job_id), body, persistent=False
+            )
+        except SessionError as exc:
+            logger.warning("job %s status %s not sent: %s", event.job_id, event.state.value, exc)
+
+    async def publish_result(self, job_id: str, body: bytes) -> None:
+        routing_key = result_routing_key(job_id)
+        path = await asyncio.to_thread(self.state.spool_write, job_id, routing_key, body)
+        attempt = 0
+        while True:
+            session = await self._wait_connected()
+            if session is None:
+                logger.warning(
+                    "result of job %s stays spooled at %s until the next start", job_id, path
+                )
+                return
+            attempt += 1
+            try:
+                await session.publish(RESULTS_EXCHANGE, routing_key, body)
+                break
+            except SessionError as exc:
+                logger.warning(
+                    "result of job %s: publish attempt %d failed (%s); retrying after reconnect",
+                    job_id, attempt, exc,
+                )
+                await asyncio.sleep(min(5.0, 0.5 * attempt))
+        await asyncio.to_thread(path.unlink, True)
+
+    async def _wait_connected(self) -> AmqpSession | None:
+        """Return the open session, or None once the agent gives up publishing."""
+        while not self._abandon_publishing.is_set():
+            session = self.session
+            if self.connected.is_set() and session is not None and session.is_open:
+                return session
+            abandon = asyncio.create_task(self._abandon_publishing.wait())
+            connected = asyncio.create_task(self.connected.wait())
+            await asyncio.wait({abandon, connected}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+            abandon.cancel()
+            connected.cancel()
+        return None
+
+    async def _flush_spool(self, session: AmqpSession) -> None:
+        entries = await asyncio.to_thread(self.state.spooled)
+        for path, routing_key, body in entries:
+            await session.publish(RESULTS_EXCHANGE, routing_key, body)
+            await asyncio.to_thread(path.unlink, True)
+            logger.info("agent %s published spooled result %s", self.agent_id, routing_key)
+
+    async def _publish_registration(self, session: AmqpSession) -> None:
+        assert self.identity is not None and self.capacity is not None
+        registration = Registration(
+            agent_id=self.identity.agent_id,
+            site=self.config.site.name,
+            version=__version__,
+            public_key=public_key_text(self.identity.key.public_key()),
+            cpu_cores=self.capacity.cpu_cores,
+            memory_bytes=self.capacity.memory_bytes,
+            gpus=self.capacity.gpus,
+            queues=[q.amqp_name for q in self.config.queues],
+            slots=self.config.agent.slots,
+            running_jobs=sorted(self.running),
+            free_slots=self.free_slots,
+            at=utc_now(),
+        )
+        body = sign_model(registration, self.identity.key, self.identity.agent_id)
+        await session.publish(
+            EVENTS_EXCHANGE, registration_routing_key(self.identity.agent_id), body
+        )
+        logger.info("agent %s registered", self.agent_id)
+
+    async def _publish_heartbeat(self, session: AmqpSession) -> None:
+        assert self.identity is not None
+        heartbeat = Heartbeat(
+            agent_id=self.identity.agent_id,
+            site=self.config.site.name,
+            state=self.agent_state,
+            running_jobs=sorted(self.running),
+            free_slots=self.free_slots,
+            at=utc_now(),
+        )
+        body = sign_model(heartbeat, self.identity.key, self.identity.agent_id)
+        await session.publish(
+            EVENTS_EXCHANGE, heartbeat_routing_key(self.identity.agent_id), body, persistent=False
+        )
+
+    async def _heartbeat_loop(self, session: AmqpSession) -> None:
+        interval = self.config.agent.heartbeat_interval_s
+        while session.is_open and not self._stop.requested.is_set():
+            try:
+                await self._publish_heartbeat(session)
+            except SessionError as exc:
+                logger.warning("agent %s heartbeat not sent: %s", self.agent_id, exc)
+                return
+            await self._sleep_unless_stopped(interval)
+
+
+def build_runner(config: SiteConfig) -> Runner:
+    if config.runner.kind == "null":
+        from fairu.runners.null import NullRunner
+
+        return NullRunner()
+    from fairu.runners.podman import PodmanRunner, PodmanSettings
+
+    podman = config.runner.podman
+    settings = PodmanSettings(
+        socket_url=podman.socket_url(),
+        tmpfs_size=podman.tmpfs_size,
+        log_cap_bytes=podman.log_cap_bytes,
+        **({"ulimits": dict(podman.ulimits)} if podman.ulimits else {}),
+    )
+    return PodmanRunner(settings)
+

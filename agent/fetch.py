@@ -1,0 +1,162 @@
+"""Fetch job inputs by URL into a cache addressed by sha256, and unpack tar bundles.
+
+    cache/sha256/<digest>     the verified file, mode 0644
+    cache/unpacked/<digest>/  its extracted tree, for inputs with unpack = "tar"
+
+A file enters the cache only after its digest and size match the job spec, so a
+cache hit needs no re-download and no re-hash. Hashing, writing and extraction run
+in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+import uuid
+from pathlib import Path
+
+import aiohttp
+
+from fairu.protocol.errors import ErrorCode, JobError, RetryableError
+from fairu.protocol.models import InputSpec
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1024 * 1024
+FETCH_ATTEMPTS = 3
+RETRY_DELAY_S = 1.0
+
+
+class InputCache:
+    def __init__(self, root: Path, session: aiohttp.ClientSession) -> None:
+        self.files = root / "sha256"
+        self.unpacked = root / "unpacked"
+        self.partial = root / "partial"
+        for folder in (self.files, self.unpacked, self.partial):
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o755)
+        self._session = session
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def materialize(self, spec: InputSpec, job_id: str) -> Path:
+        """Return a host path holding the input, fetching and unpacking it if needed."""
+        lock = self._locks.setdefault(spec.sha256, asyncio.Lock())
+        async with lock:
+            path = self.files / spec.sha256
+            if path.exists():
+                logger.info("job %s input %s: cache hit %s", job_id, spec.name, spec.sha256[:12])
+            else:
+                await self._fetch_with_retry(spec, job_id, path)
+            if spec.unpack == "tar":
+                return await self._unpack(spec, path)
+            return path
+
+    async def _fetch_with_retry(self, spec: InputSpec, job_id: str, path: Path) -> None:
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                await self._fetch(spec, job_id, path)
+                return
+            except RetryableError as exc:
+                if attempt == FETCH_ATTEMPTS:
+                    raise JobError(exc.code, exc.message) from None
+                delay = RETRY_DELAY_S * 2 ** (attempt - 1)
+                logger.warning(
+                    "job %s input %s: fetch attempt %d of %d failed (%s); retrying in %.1f s",
+                    job_id, spec.name, attempt, FETCH_ATTEMPTS, exc.message, delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _fetch(self, spec: InputSpec, job_id: str, path: Path) -> None:
+        temporary = self.partial / f"{spec.sha256}.{uuid.uuid4().hex}"
+        digest = hashlib.sha256()
+        received = 0
+        logger.info("job %s input %s: fetching %s", job_id, spec.name, spec.url)
+        try:
+            async with self._session.get(spec.url) as response:
+                if response.status >= 500:
+                    raise RetryableError(
+                        ErrorCode.INPUT_FETCH_FAILED,
+                        f"input {spec.name!r}: {spec.url} returned HTTP {response.status}",
+                    )
+                if response.status != 200:
+                    raise JobError(
+                        ErrorCode.INPUT_FETCH_FAILED,
+                        f"input {spec.name!r}: {spec.url} returned HTTP {response.status}",
+                    )
+                with open(temporary, "wb") as handle:
+                    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                        received += len(chunk)
+                        if received > spec.size:
+                            raise JobError(
+                                ErrorCode.INPUT_DIGEST_MISMATCH,
+                                f"input {spec.name!r}: {spec.url} sent more than the "
+                                f"declared {spec.size} bytes",
+                            )
+                        await asyncio.to_thread(_write_and_hash, handle, digest, chunk)
+                    await asyncio.to_thread(_flush, handle)
+            _check_digest(spec, received, digest.hexdigest())
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, path)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RetryableError(
+                ErrorCode.INPUT_FETCH_FAILED,
+                f"input {spec.name!r}: fetching {spec.url} failed: {exc or type(exc).__name__}",
+            ) from None
+        finally:
+            temporary.unlink(missing_ok=True)
+        logger.info("job %s input %s: fetched %d bytes", job_id, spec.name, received)
+
+    async def _unpack(self, spec: InputSpec, archive: Path) -> Path:
+        target = self.unpacked / spec.sha256
+        if not target.exists():
+            await asyncio.to_thread(_extract_tar, archive, target, spec.name)
+        return target
+
+
+def _write_and_hash(handle: object, digest: "hashlib._Hash", chunk: bytes) -> None:
+    handle.write(chunk)  # type: ignore[attr-defined]
+    digest.update(chunk)
+
+
+def _flush(handle: object) -> None:
+    handle.flush()  # type: ignore[attr-defined]
+    os.fsync(handle.fileno())  # type: ignore[attr-defined]
+
+
+def _check_digest(spec: InputSpec, received: int, actual: str) -> None:
+    if received != spec.size:
+        raise JobError(
+            ErrorCode.INPUT_DIGEST_MISMATCH,
+            f"input {spec.name!r}: received {received} bytes, the job declares {spec.size}",
+        )
+    if actual != spec.sha256:
+        raise JobError(
+            ErrorCode.INPUT_DIGEST_MISMATCH,
+            f"input {spec.name!r}: sha256 is {actual}, the job declares {spec.sha256}",
+        )
+
+
+def _extract_tar(archive: Path, target: Path, name: str) -> None:
+    """Extract with the tarfile "data" filter, which rejects absolute paths, `..`,
+    links leaving the tree and device files; then publish the tree atomically."""
+    staging = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with tarfile.open(archive, "r:*") as bundle:
+            bundle.extractall(staging, filter="data")
+        for folder, _dirs, files in os.walk(staging):
+            os.chmod(folder, 0o755)
+            for file in files:
+                path = os.path.join(folder, file)
+                if not os.path.islink(path):
+                    os.chmod(path, 0o644 | (os.stat(path).st_mode & 0o111))
+        os.replace(staging, target)
+    except (tarfile.TarError, OSError) as exc:
+        raise JobError(
+            ErrorCode.INPUT_UNPACK_FAILED, f"input {name!r}: cannot unpack the tar archive: {exc}"
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,317 @@
+"""The job pipeline: one delivery in, exactly one signed final result out.
+
+verify → parse → check freshness and audience → fetch inputs → run → read scores.
+Every step that fails ends the job with a result carrying an `ErrorCode`; an
+unexpected exception becomes `internal_error` instead of losing the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fairu.protocol.errors import ErrorCode, JobError, RejectedError
+from fairu.protocol.models import (
+    MAX_LOG_TAIL_CHARS,
+    Durations,
+    ErrorInfo,
+    FinalStatus,
+    JobResult,
+    JobSpec,
+    JobState,
+    StatusEvent,
+    utc_now,
+)
+from fairu.protocol.signing import decode_envelope, parse_payload, sign_model, verify_envelope
+from fairu.protocol.topology import split_job_queue_name
+from fairu.runners.base import Mount, Runner, RunnerUnavailable, RunSpec, ContainerError
+
+from .fetch import InputCache
+from .scores import read_scores
+from .session import Delivery
+from .state import Identity, StateDir
+
+logger = logging.getLogger(__name__)
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+class Publisher(Protocol):
+    async def publish_status(self, event: StatusEvent) -> None: ...
+
+    async def publish_result(self, job_id: str, body: bytes) -> None:
+        """Publish until the broker confirms, waiting out reconnects."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job_id: str
+    status: FinalStatus
+    # A rejected message goes to the dead-letter exchange instead of being acked.
+    dead_letter: bool
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    site: str
+    max_message_bytes: int
+    clock_skew_s: float
+
+
+class JobPipeline:
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        identity: Identity,
+        trusted_keys: dict[str, Ed25519PublicKey],
+        state: StateDir,
+        cache: InputCache,
+        runner: Runner,
+        publisher: Publisher,
+    ) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.trusted_keys = trusted_keys
+        self.state = state
+        self.cache = cache
+        self.runner = runner
+        self.publisher = publisher
+
+    # --- entry points -----------------------------------------------------------
+
+    def authenticate(self, delivery: Delivery) -> JobSpec:
+        """Verify the signature, then parse the payload; raise `RejectedError`."""
+        envelope = decode_envelope(delivery.body, self.settings.max_message_bytes)
+        payload = verify_envelope(envelope, self.trusted_keys)
+        return parse_payload(payload, JobSpec)
+
+    def admit(self, job: JobSpec, delivery: Delivery) -> None:
+        """Check an authenticated job's freshness and audience; raise `RejectedError`."""
+        self._check_fresh(job)
+        self._check_audience(job, delivery.queue)
+
+    async def reject(self, delivery: Delivery, error: RejectedError, job: JobSpec | None) -> Outcome:
+        authenticated = job is not None
+        if job is not None:
+            job_id = job.job_id
+        elif len(delivery.body) <= self.settings.max_message_bytes:
+            job_id = claimed_job_id(delivery.body)
+        else:
+            job_id = "unknown"
+        logger.warning(
+            "job %s from queue %s rejected: %s", job_id, delivery.queue, error
+        )
+        result = self._result(
+            job_id,
+            job,
+            FinalStatus.REJECTED,
+            error=ErrorInfo(code=error.code, message=error.message),
+            authenticated=authenticated,
+        )
+        await self._finish(result)
+        return Outcome(job_id, FinalStatus.REJECTED, dead_letter=True)
+
+    async def replay(self, job_id: str, result: bytes) -> Outcome:
+        """Answer a redelivered, already finished job from its record."""
+        logger.info("job %s already finished here; publishing its recorded result", job_id)
+        await self.publisher.publish_result(job_id, result)
+        record = self.state.finished(job_id)
+        status = FinalStatus(record.status) if record else FinalStatus.FAILED
+        return Outcome(job_id, status, dead_letter=False)
+
+    async def execute(self, job: JobSpec) -> Outcome:
+        started = time.monotonic()
+        durations = {"fetch_s": 0.0, "run_s": 0.0}
+        logger.info(
+            "job %s (competition %s, submission %s) starting",
+            job.job_id, job.competition, job.submission_id,
+        )
+        await self._status(job, JobState.VERIFIED)
+        try:
+            result = await self._run_steps(job, durations)
+        except JobError as exc:
+            logger.warning("job %s failed: %s", job.job_id, exc)
+            result = self._failed(job, exc.code, exc.message)
+        except (RunnerUnavailable, ContainerError) as exc:
+            code = (
+                ErrorCode.RUNTIME_UNAVAILABLE
+                if isinstance(exc, RunnerUnavailable)
+                else ErrorCode.CONTAINER_FAILED
+            )
+            logger.error("job %s failed in the runtime: %s", job.job_id, exc)
+            result = self._failed(job, code, str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("job %s failed with an unexpected error", job.job_id)
+            result = self._failed(
+                job, ErrorCode.INTERNAL_ERROR, f"unexpected {type(exc).__name__}: {exc}"
+            )
+        finally:
+            await asyncio.to_thread(self.state.remove_work_dir, job.job_id)
+        total = time.monotonic() - started
+        result = result.model_copy(
+            update={"durations": Durations(total_s=total, **durations)}
+        )
+        await self._finish(result)
+        logger.info(
+            "job %s finished: %s in %.1f s", job.job_id, result.status.value, total
+        )
+        return Outcome(job.job_id, result.status, dead_letter=False)
+
+    # --- steps ------------------------------------------------------------------
+
+    def _check_fresh(self, job: JobSpec) -> None:
+        now = utc_now()
+        skew = timedelta(seconds=self.settings.clock_skew_s)
+        if job.expires_at + skew < now:
+            raise RejectedError(
+                ErrorCode.EXPIRED,
+                f"job {job.job_id} expired at {job.expires_at.isoformat()}; submit it again",
+            )
+        if job.created_at - skew > now:
+            raise RejectedError(
+                ErrorCode.EXPIRED,
+                f"job {job.job_id} is created at {job.created_at.isoformat()}, in the "
+                "future; check the clocks of the submitter and this site",
+            )
+
+    def _check_audience(self, job: JobSpec, queue: str) -> None:
+        try:
+            competition, name = split_job_queue_name(queue)
+        except ValueError:
+            competition, name = "", ""
+        if (job.competition, job.queue) != (competition, name):
+            raise RejectedError(
+                ErrorCode.AUDIENCE_MISMATCH,
+                f"job {job.job_id} is for queue {job.queue!r} of competition "
+                f"{job.competition!r} but arrived on {queue!r}",
+            )
+
+    async def _run_steps(self, job: JobSpec, durations: dict[str, float]) -> JobResult:
+        fetch_started = time.monotonic()
+        await self._status(job, JobState.FETCHING)
+        mounts = []
+        for spec in job.inputs:
+            path = await self.cache.materialize(spec, job.job_id)
+            mounts.append(Mount(source=path, target=f"/inputs/{spec.mount}"))
+        durations["fetch_s"] = time.monotonic() - fetch_started
+
+        output = await asyncio.to_thread(self.state.make_work_dir, job.job_id)
+        await self._status(job, JobState.RUNNING)
+        outcome = await self.runner.run(
+            RunSpec(
+                job_id=job.job_id,
+                image=job.image,
+                command=list(job.command),
+                env=dict(job.env),
+                mounts=mounts,
+                output_dir=output,
+                walltime_s=job.resources.walltime_s,
+                labels={"fairu.job_id": job.job_id, "fairu.agent_id": self.identity.agent_id},
+                cpus=job.resources.cpus,
+                memory_mb=job.resources.memory_mb,
+            )
+        )
+        durations["run_s"] = outcome.run_s
+        log_tail, truncated = _cap_log(outcome.log_tail, outcome.log_truncated)
+        logs = {"log_tail": log_tail, "log_truncated": truncated, "exit_code": outcome.exit_code}
+
+        if outcome.timed_out:
+            return self._failed(
+                job,
+                ErrorCode.TIMED_OUT,
+                f"the container ran past the walltime of {job.resources.walltime_s} s "
+                "and was killed",
+                status=FinalStatus.TIMED_OUT,
+                **logs,
+            )
+        if outcome.exit_code != 0:
+            return self._failed(
+                job,
+                ErrorCode.NONZERO_EXIT,
+                f"the container exited with code {outcome.exit_code}; see log_tail",
+                **logs,
+            )
+        await self._status(job, JobState.READING_SCORES)
+        try:
+            scores = await asyncio.to_thread(read_scores, output)
+        except JobError as exc:
+            return self._failed(job, exc.code, exc.message, **logs)
+        return self._result(job.job_id, job, FinalStatus.SUCCEEDED, scores=scores, **logs)
+
+    # --- results ----------------------------------------------------------------
+
+    def _failed(
+        self,
+        job: JobSpec,
+        code: ErrorCode,
+        message: str,
+        status: FinalStatus = FinalStatus.FAILED,
+        **fields: object,
+    ) -> JobResult:
+        return self._result(
+            job.job_id, job, status, error=ErrorInfo(code=code, message=message), **fields
+        )
+
+    def _result(
+        self, job_id: str, job: JobSpec | None, status: FinalStatus, **fields: object
+    ) -> JobResult:
+        context = (
+            {"competition": job.competition, "queue": job.queue, "submission_id": job.submission_id}
+            if job
+            else {}
+        )
+        return JobResult(
+            job_id=job_id,
+            agent_id=self.identity.agent_id,
+            site=self.settings.site,
+            status=status,
+            finished_at=utc_now(),
+            **context,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    async def _finish(self, result: JobResult) -> None:
+        body = sign_model(result, self.identity.key, self.identity.agent_id)
+        if result.authenticated:
+            await asyncio.to_thread(
+                self.state.record_finished, result.job_id, result.status.value, body
+            )
+        await self.publisher.publish_result(result.job_id, body)
+
+    async def _status(self, job: JobSpec, state: JobState) -> None:
+        event = StatusEvent(
+            job_id=job.job_id, agent_id=self.identity.agent_id, state=state, at=utc_now()
+        )
+        await self.publisher.publish_status(event)
+
+
+def claimed_job_id(body: bytes) -> str:
+    """Read the job id an unverified message claims, for the rejection report only."""
+    try:
+        envelope = json.loads(body)
+        payload = json.loads(base64.b64decode(envelope["payload"], validate=True))
+        job_id = payload["job_id"]
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
+        return "unknown"
+    if isinstance(job_id, str) and _JOB_ID.match(job_id):
+        return job_id
+    return "unknown"
+
+
+def _cap_log(text: str, truncated: bool) -> tuple[str, bool]:
+    if len(text) <= MAX_LOG_TAIL_CHARS:
+        return text, truncated
+    marker = "[fairu: log cut to its last characters]\n"
+    return marker + text[-(MAX_LOG_TAIL_CHARS - len(marker)) :], True

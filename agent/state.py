@@ -1,0 +1,176 @@
+"""The agent's state folder: identity key, finished-job records, result spool, work dirs.
+
+Layout under `state_dir`:
+
+    identity.key        Ed25519 private key, mode 0600, made on first start
+    jobs.sqlite         one row per finished or rejected job id, with its signed result
+    spool/              results written before publishing and removed once confirmed
+    cache/              inputs by sha256 (see `fetch`)
+    work/<job>/output   the container's writable folder
+
+Folders other than spool/ are mode 0755 because the rootless container user, which
+may differ from the agent's user, must traverse them to reach its bind mounts.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fairu.protocol.errors import ConfigError
+from fairu.protocol.signing import (
+    generate_private_key,
+    key_id_for,
+    load_private_key,
+    write_private_key,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Identity:
+    agent_id: str
+    key: Ed25519PrivateKey
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    status: str
+    result: bytes
+
+
+class StateDir:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.spool = root / "spool"
+        self.cache = root / "cache"
+        self.work = root / "work"
+        self._db_lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    def prepare(self) -> None:
+        try:
+            for folder in (self.root, self.cache, self.work):
+                folder.mkdir(parents=True, exist_ok=True)
+                folder.chmod(0o755)
+            self.spool.mkdir(exist_ok=True)
+            self.spool.chmod(0o700)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot prepare the state folder {self.root}: {exc.strerror}; set "
+                "agent.state_dir to a folder this user can write"
+            ) from None
+        self._db = sqlite3.connect(self.root / "jobs.sqlite", check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, status TEXT NOT NULL,"
+            " result BLOB NOT NULL, finished_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+        )
+        self._db.commit()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # --- identity ---------------------------------------------------------------
+
+    def load_identity(self, site: str) -> Identity:
+        """Load the identity key, making it on first start; the id derives from the key."""
+        path = self.root / "identity.key"
+        if not path.exists():
+            write_private_key(path, generate_private_key())
+            logger.info("made a new agent identity key at %s", path)
+        key = load_private_key(path)
+        digest = key_id_for(key.public_key()).split(":", 1)[1]
+        return Identity(agent_id=f"{site}-{digest[:12]}", key=key)
+
+    # --- finished jobs ----------------------------------------------------------
+
+    def record_finished(self, job_id: str, status: str, result: bytes) -> None:
+        with self._db_lock:
+            assert self._db is not None
+            self._db.execute(
+                "INSERT OR IGNORE INTO jobs (job_id, status, result) VALUES (?, ?, ?)",
+                (job_id, status, result),
+            )
+            self._db.commit()
+
+    def finished(self, job_id: str) -> JobRecord | None:
+        with self._db_lock:
+            assert self._db is not None
+            row = self._db.execute(
+                "SELECT job_id, status, result FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return JobRecord(row[0], row[1], bytes(row[2])) if row else None
+
+    # --- result spool -----------------------------------------------------------
+
+    def spool_write(self, name: str, routing_key: str, body: bytes) -> Path:
+        """Write a message crash-safely (write, fsync, rename) before it is published."""
+        path = self.spool / _spool_name(name)
+        temporary = path.with_suffix(".tmp")
+        record = base64.b64encode(routing_key.encode()) + b"\n" + body
+        with open(temporary, "wb") as handle:
+            handle.write(record)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        directory = os.open(self.spool, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return path
+
+    def spooled(self) -> list[tuple[Path, str, bytes]]:
+        """Return the spooled messages left by an earlier run, oldest first."""
+        entries = []
+        for path in sorted(self.spool.glob("*.msg"), key=lambda p: p.stat().st_mtime):
+            data = path.read_bytes()
+            header, _, body = data.partition(b"\n")
+            try:
+                routing_key = base64.b64decode(header, validate=True).decode()
+            except ValueError:
+                logger.error("spooled message %s is corrupt; moved aside", path)
+                path.rename(path.with_suffix(".corrupt"))
+                continue
+            entries.append((path, routing_key, body))
+        return entries
+
+    # --- work folders -----------------------------------------------------------
+
+    def make_work_dir(self, job_id: str) -> Path:
+        """Make an empty work/<job>/output folder; the runner sets its owner."""
+        job_dir = self.work / _safe_name(job_id)
+        if job_dir.exists():
+            shutil.rmtree(job_dir)
+        output = job_dir / "output"
+        output.mkdir(parents=True)
+        job_dir.chmod(0o755)
+        output.chmod(0o755)
+        return output
+
+    def remove_work_dir(self, job_id: str) -> None:
+        shutil.rmtree(self.work / _safe_name(job_id), ignore_errors=True)
+
+
+def _safe_name(job_id: str) -> str:
+    # Job ids allow ':' and '.', which are fine in file names but ':' is not on
+    # every file system, so a digest keeps names portable and unique.
+    return hashlib.sha256(job_id.encode()).hexdigest()[:32]
+
+
+def _spool_name(name: str) -> str:
+    return _safe_name(name) + ".msg"

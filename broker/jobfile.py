@@ -1,0 +1,81 @@
+"""Read an organizer's job file (TOML) into a `JobSpec` ready to sign.
+
+The file holds the fields of `JobSpec` except the ones fairu fills in: job_id
+(a fresh one unless given), created_at and expires_at (from `expires_in`). An input
+may name a local `file` instead of `sha256` and `size`; both are then computed
+from that file, which must be the same one the URL serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from fairu.protocol.errors import ConfigError
+from fairu.protocol.models import JobSpec, utc_now
+from fairu.protocol.signing import describe_validation
+
+_DURATION = re.compile(r"^(\d+)\s*([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse "90s", "15m", "2h" or "7d"."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ConfigError(
+            f"invalid duration {text!r}: use a number and a unit, as in 90s, 15m, 2h or 7d"
+        )
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+def load_job_file(path: Path, job_id: str | None = None) -> JobSpec:
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"job file {path} is not valid TOML: {exc}") from None
+
+    expires_in = parse_duration(str(raw.pop("expires_in", "1h")))
+    created = utc_now()
+    raw.setdefault("job_id", job_id or f"job-{uuid.uuid4().hex[:16]}")
+    if job_id:
+        raw["job_id"] = job_id
+    raw["created_at"] = created
+    raw["expires_at"] = created + expires_in
+    raw["inputs"] = [_complete_input(item, path.parent) for item in raw.get("inputs", [])]
+    try:
+        # The file is trusted organizer input, so lax mode lets TOML ints stand
+        # for floats and dates; the agent parses the signed JSON strictly.
+        return JobSpec.model_validate(raw, strict=False)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid job file {path}: {describe_validation(exc)}") from None
+
+
+def _complete_input(item: dict[str, Any], base: Path) -> dict[str, Any]:
+    item = dict(item)
+    local = item.pop("file", None)
+    if local is None:
+        return item
+    file = Path(local).expanduser()
+    if not file.is_absolute():
+        file = base / file
+    try:
+        data_size = file.stat().st_size
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ConfigError(f"cannot read input file {file}: {exc.strerror}") from None
+    item.setdefault("sha256", digest.hexdigest())
+    item.setdefault("size", data_size)
+    return item

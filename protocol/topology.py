@@ -1,0 +1,63 @@
+"""Names of the exchanges, queues and routing keys that agents and the platform share.
+
+Job queues are `fairu.jobs.<competition>.<queue>`; competition and queue names
+contain no dots (see `Name`), so the pair can be read back from a queue name.
+"""
+
+from __future__ import annotations
+
+JOBS_EXCHANGE = "fairu.jobs"  # direct; routing key "<competition>.<queue>"
+EVENTS_EXCHANGE = "fairu.events"  # topic; status, registration and heartbeat
+RESULTS_EXCHANGE = "fairu.results"  # topic; routing key "result.<job_id>"
+DEAD_LETTER_EXCHANGE = "fairu.dlx"  # fanout
+DEAD_LETTER_QUEUE = "fairu.dead"
+COORDINATOR_RESULTS_QUEUE = "fairu.coordinator.results"
+COORDINATOR_EVENTS_QUEUE = "fairu.coordinator.events"
+
+# A message that has been delivered this many times without an ack goes to the
+# dead-letter exchange instead of looping between agents.
+DELIVERY_LIMIT = 5
+
+QUEUE_PREFIX = "fairu.jobs."
+
+
+def job_routing_key(competition: str, queue: str) -> str:
+    return f"{competition}.{queue}"
+
+
+def job_queue_name(competition: str, queue: str) -> str:
+    return QUEUE_PREFIX + job_routing_key(competition, queue)
+
+
+def split_job_queue_name(name: str) -> tuple[str, str]:
+    """Return (competition, queue) for a job queue name; raise ValueError otherwise."""
+    if not name.startswith(QUEUE_PREFIX):
+        raise ValueError(f"{name!r} is not a fairu job queue")
+    competition, sep, queue = name[len(QUEUE_PREFIX) :].partition(".")
+    if not sep or not competition or not queue or "." in queue:
+        raise ValueError(f"{name!r} is not a fairu job queue")
+    return competition, queue
+
+
+def job_queue_arguments() -> dict[str, object]:
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    }
+
+
+def status_routing_key(job_id: str) -> str:
+    return f"status.{job_id}"
+
+
+def result_routing_key(job_id: str) -> str:
+    return f"result.{job_id}"
+
+
+def registration_routing_key(agent_id: str) -> str:
+    return f"agent.registration.{agent_id}"
+
+
+def heartbeat_routing_key(agent_id: str) -> str:
+    return f"agent.heartbeat.{agent_id}"
