@@ -146,6 +146,8 @@ class AmqpSession:
             await asyncio.wait_for(asyncio.shield(self.closed), 10)
         except TimeoutError:
             logger.warning("broker session %s did not close within 10 s", self.name)
+        # pika closes the socket in callbacks scheduled after the close callback.
+        await asyncio.sleep(0.05)
 
     def _on_connection_closed(self, _connection: Any, reason: Exception) -> None:
         self._fail_all(f"connection closed: {reason}")
@@ -216,6 +218,11 @@ class AmqpSession:
         self.channel.queue_bind(
             queue=queue, exchange=exchange, routing_key=routing_key, callback=_resolver(done)
         )
+        await done
+
+    async def delete_queue(self, name: str) -> None:
+        done = self._request()
+        self.channel.queue_delete(queue=name, callback=_resolver(done))
         await done
 
     async def queue_exists(self, name: str) -> bool:

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fairu.protocol.errors import ConfigError
 from fairu.protocol.signing import (
+    agent_id_for,
     generate_private_key,
-    key_id_for,
     load_private_key,
     write_private_key,
 )
@@ -93,8 +93,7 @@ class StateDir:
             write_private_key(path, generate_private_key())
             logger.info("made a new agent identity key at %s", path)
         key = load_private_key(path)
-        digest = key_id_for(key.public_key()).split(":", 1)[1]
-        return Identity(agent_id=f"{site}-{digest[:12]}", key=key)
+        return Identity(agent_id=agent_id_for(site, key.public_key()), key=key)
 
     # --- finished jobs ----------------------------------------------------------
 

@@ -1,0 +1,181 @@
+"""The coordinator's SQLite store: agents, one final result per job, and an audit trail.
+
+All methods block; the coordinator calls them through `asyncio.to_thread`. One
+connection is shared behind a lock, which is enough for the coordinator's write
+rate (a row per heartbeat and per result).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    version TEXT NOT NULL,
+    cpu_cores INTEGER NOT NULL,
+    memory_bytes INTEGER NOT NULL,
+    gpus TEXT NOT NULL,
+    queues TEXT NOT NULL,
+    slots INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    free_slots INTEGER NOT NULL,
+    running_jobs TEXT NOT NULL,
+    registered_at TEXT NOT NULL,
+    last_seen TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    job_id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    site TEXT NOT NULL,
+    status TEXT NOT NULL,
+    scores TEXT NOT NULL,
+    body BLOB NOT NULL,
+    recorded_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS result_audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    body BLOB NOT NULL,
+    received_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
+CREATE INDEX IF NOT EXISTS result_audit_job ON result_audit (job_id);
+"""
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    job_id: str
+    agent_id: str
+    site: str
+    status: str
+    scores: dict[str, float]
+    recorded_at: str
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._db.commit()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- agents -----------------------------------------------------------------
+
+    def agent_key(self, agent_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT public_key FROM agents WHERE agent_id = ?", (agent_id,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def upsert_registration(self, fields: dict[str, object]) -> None:
+        row = dict(fields)
+        for name in ("gpus", "queues", "running_jobs"):
+            row[name] = json.dumps(row[name])
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO agents (agent_id, site, public_key, version, cpu_cores,"
+                " memory_bytes, gpus, queues, slots, state, free_slots, running_jobs,"
+                " registered_at, last_seen) VALUES (:agent_id, :site, :public_key,"
+                " :version, :cpu_cores, :memory_bytes, :gpus, :queues, :slots, 'serving',"
+                " :free_slots, :running_jobs, :at, :at)"
+                " ON CONFLICT (agent_id) DO UPDATE SET site = excluded.site,"
+                " version = excluded.version, cpu_cores = excluded.cpu_cores,"
+                " memory_bytes = excluded.memory_bytes, gpus = excluded.gpus,"
+                " queues = excluded.queues, slots = excluded.slots, state = 'serving',"
+                " free_slots = excluded.free_slots, running_jobs = excluded.running_jobs,"
+                " registered_at = excluded.registered_at, last_seen = excluded.last_seen",
+                row,
+            )
+            self._db.commit()
+
+    def update_heartbeat(
+        self, agent_id: str, state: str, free_slots: int, running_jobs: list[str], at: str
+    ) -> bool:
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE agents SET state = ?, free_slots = ?, running_jobs = ?, last_seen = ?"
+                " WHERE agent_id = ?",
+                (state, free_slots, json.dumps(running_jobs), at, agent_id),
+            )
+            self._db.commit()
+        return cursor.rowcount == 1
+
+    def agents(self) -> list[dict[str, object]]:
+        with self._lock:
+            cursor = self._db.execute("SELECT * FROM agents ORDER BY site, agent_id")
+            names = [column[0] for column in cursor.description]
+            rows = cursor.fetchall()
+        agents = []
+        for row in rows:
+            agent = dict(zip(names, row, strict=True))
+            for name in ("gpus", "queues", "running_jobs"):
+                agent[name] = json.loads(str(agent[name]))
+            agents.append(agent)
+        return agents
+
+    # --- results ----------------------------------------------------------------
+
+    def record_result(
+        self,
+        job_id: str,
+        agent_id: str,
+        site: str,
+        status: str,
+        scores: dict[str, float],
+        body: bytes,
+    ) -> bool:
+        """Keep the first final result per job id; return False for a later one."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO results (job_id, agent_id, site, status, scores, body)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, agent_id, site, status, json.dumps(scores), body),
+            )
+            self._db.commit()
+        return cursor.rowcount == 1
+
+    def audit_result(
+        self, job_id: str, agent_id: str, status: str, reason: str, body: bytes
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO result_audit (job_id, agent_id, status, reason, body)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (job_id, agent_id, status, reason, body),
+            )
+            self._db.commit()
+
+    def result(self, job_id: str) -> StoredResult | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT job_id, agent_id, site, status, scores, recorded_at FROM results"
+                " WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredResult(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+
+    def audit_count(self, job_id: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM result_audit WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return int(row[0])

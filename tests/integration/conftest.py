@@ -1,0 +1,303 @@
+"""Fixtures for tests against the real RabbitMQ node, real agents and real podman.
+
+A missing broker or podman service fails the tests with the fix in the message;
+nothing is skipped, so CI cannot pass on a machine that lacks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from fairu.agent.session import AmqpSession, Delivery, SessionError
+from fairu.broker.topology import declare_job_queue, declare_topology
+from fairu.protocol.models import JobResult, JobSpec, utc_now
+from fairu.protocol.signing import (
+    generate_private_key,
+    open_unverified,
+    public_key_text,
+    sign_model,
+)
+from fairu.protocol.topology import (
+    JOBS_EXCHANGE,
+    RESULTS_EXCHANGE,
+    job_queue_name,
+    job_routing_key,
+)
+
+BROKER_URL = os.environ.get("FAIRU_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+# Bind-mount sources must be reachable by the rootless podman user, so test state
+# lives under a world-traversable folder instead of pytest's 0700 tmp_path.
+WORK_BASE = Path(os.environ.get("FAIRU_TEST_WORK", "/var/tmp/fairu-tests"))
+EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "higgsml-demo"
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    async def probe() -> None:
+        session = AmqpSession(BROKER_URL, name="fairu-tests probe")
+        await session.open(timeout_s=10)
+        await declare_topology(session)
+        await session.close()
+
+    try:
+        asyncio.run(probe())
+    except SessionError as exc:
+        pytest.fail(f"{exc}. Start RabbitMQ with scripts/setup-host.sh", pytrace=False)
+    return BROKER_URL
+
+
+@pytest.fixture(scope="session")
+def work_root() -> Iterator[Path]:
+    root = WORK_BASE / uuid.uuid4().hex[:8]
+    root.mkdir(parents=True)
+    for folder in (WORK_BASE, root):
+        folder.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class SigningKey:
+    private: Any
+    public_text: str
+
+    def sign(self, job: JobSpec) -> bytes:
+        return sign_model(job, self.private)
+
+
+@pytest.fixture
+def signing_key() -> SigningKey:
+    key = generate_private_key()
+    return SigningKey(key, public_key_text(key.public_key()))
+
+
+@pytest.fixture
+async def amqp(broker_url: str) -> AsyncIterator[AmqpSession]:
+    session = AmqpSession(broker_url, name="fairu-tests client")
+    await session.open()
+    yield session
+    await session.close()
+
+
+@dataclass
+class Competition:
+    name: str
+    queue: str
+
+    @property
+    def amqp_queue(self) -> str:
+        return job_queue_name(self.name, self.queue)
+
+
+@pytest.fixture
+async def competition(amqp: AmqpSession) -> AsyncIterator[Competition]:
+    """A competition with one fresh job queue, deleted after the test."""
+    made = Competition(name=f"t-{uuid.uuid4().hex[:8]}", queue="cpu")
+    await declare_job_queue(amqp, made.name, made.queue)
+    yield made
+    if amqp.is_open:
+        await amqp.delete_queue(made.amqp_queue)
+
+
+@dataclass
+class ResultWatcher:
+    """Collects every result published while a test runs, keyed by job id."""
+
+    session: AmqpSession
+    results: dict[str, list[JobResult]] = field(default_factory=dict)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        queue = await self.session.declare_queue(
+            "", durable=False, exclusive=True, auto_delete=True
+        )
+        await self.session.bind(queue, RESULTS_EXCHANGE, "result.#")
+        await self.session.consume(queue, self._on_delivery)
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        self.session.ack(delivery.delivery_tag)
+        result = open_unverified(delivery.body, JobResult)
+        self.results.setdefault(result.job_id, []).append(result)
+        self.arrived.set()
+
+    async def wait(self, job_id: str, timeout_s: float = 120.0) -> JobResult:
+        deadline = time.monotonic() + timeout_s
+        while job_id not in self.results:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no result for job {job_id} within {timeout_s:.0f} s")
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), remaining)
+            except TimeoutError:
+                pass
+        return self.results[job_id][0]
+
+
+@pytest.fixture
+async def results(amqp: AmqpSession) -> ResultWatcher:
+    watcher = ResultWatcher(amqp)
+    await watcher.start()
+    return watcher
+
+
+@pytest.fixture
+def publish(amqp: AmqpSession) -> Any:
+    """Return a coroutine function that publishes raw bytes to a competition's queue."""
+
+    async def publish_body(competition: Competition, body: bytes) -> None:
+        await amqp.publish(
+            JOBS_EXCHANGE,
+            job_routing_key(competition.name, competition.queue),
+            body,
+            mandatory=True,
+        )
+
+    return publish_body
+
+
+@pytest.fixture
+def make_job() -> Any:
+    """Return a function that builds a valid job for a competition, with overrides."""
+    return build_job
+
+
+def build_job(competition: Competition, **fields: Any) -> JobSpec:
+    now = utc_now()
+    values: dict[str, Any] = {
+        "job_id": f"job-{uuid.uuid4().hex[:12]}",
+        "competition": competition.name,
+        "queue": competition.queue,
+        "submission_id": "sub-1",
+        "image": "localhost/fairu-python:1",
+        "command": ["python3", "-c", "print('hello')"],
+        "created_at": now,
+        "expires_at": now + timedelta(minutes=30),
+    }
+    values.update(fields)
+    return JobSpec(**values)
+
+
+@dataclass
+class AgentProcess:
+    """A `fairu-agent start` subprocess with its own config and state folder."""
+
+    config_path: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "fairu.agent.cli", "start", "--config",
+                 str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while "serving" not in self.log():
+            if self.process.poll() is not None:
+                raise AssertionError(f"agent exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"agent did not start within {timeout_s:.0f} s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"agent did not stop within {timeout_s:.0f} s:\n{self.log()}")
+
+
+@pytest.fixture
+def start_agent(
+    work_root: Path, broker_url: str, signing_key: SigningKey, podman_socket: str
+) -> Iterator[Any]:
+    """Return a function that starts an agent serving one competition's queue."""
+    agents: list[AgentProcess] = []
+
+    def start(
+        competition: Competition, *, runner: str = "podman", slots: int = 1, extra: str = ""
+    ) -> AgentProcess:
+        folder = work_root / f"agent-{uuid.uuid4().hex[:8]}"
+        folder.mkdir()
+        folder.chmod(0o755)
+        config = folder / "site.toml"
+        config.write_text(
+            f"""
+[site]
+name = "test"
+[broker]
+url = "{broker_url}"
+[trust]
+signing_keys = ["{signing_key.public_text}"]
+[agent]
+state_dir = "state"
+slots = {slots}
+heartbeat_interval_s = 2
+stop_grace_s = 10
+[[queues]]
+competition = "{competition.name}"
+name = "{competition.queue}"
+[runner]
+kind = "{runner}"
+[runner.podman]
+socket = "{podman_socket}"
+{extra}
+"""
+        )
+        agent = AgentProcess(config, folder / "agent.log")
+        agents.append(agent)
+        agent.start()
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()
+
+
+@pytest.fixture
+async def artifact_server(work_root: Path) -> AsyncIterator["ArtifactServer"]:
+    from fairu.broker.artifacts import make_app
+
+    folder = work_root / f"artifacts-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    runner = web.AppRunner(make_app(folder))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield ArtifactServer(folder, f"http://127.0.0.1:{port}")
+    await runner.cleanup()
+
+
+@dataclass
+class ArtifactServer:
+    root: Path
+    base_url: str
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"

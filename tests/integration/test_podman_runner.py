@@ -1,0 +1,373 @@
+"""PodmanRunner against the real rootless podman service from scripts/setup-host.sh."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import podman
+import pytest
+
+from fairu.runners import (
+    ContainerError,
+    Mount,
+    PodmanRunner,
+    PodmanSettings,
+    RunnerUnavailable,
+    RunSpec,
+)
+
+pytestmark = pytest.mark.podman
+
+# Bind-mount sources must be searchable by the rootless podman user, and pytest's
+# tmp_path lies under a 0700 folder of root.
+WORK_BASE = Path(os.environ.get("FAIRU_TEST_WORK", "/var/tmp/fairu-tests"))
+LOG_CAP = 64 * 1024
+EROFS = 30
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    root = WORK_BASE / f"podman-{uuid.uuid4().hex[:8]}"
+    (root / "output").mkdir(parents=True)
+    (root / "inputs").mkdir()
+    for folder in (WORK_BASE, root, root / "inputs"):
+        folder.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def settings(podman_socket: str) -> PodmanSettings:
+    return PodmanSettings(socket_url=podman_socket, log_cap_bytes=LOG_CAP, poll_interval_s=0.2)
+
+
+@pytest.fixture
+async def runner(settings: PodmanSettings) -> AsyncIterator[PodmanRunner]:
+    made = PodmanRunner(settings)
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+def client(podman_socket: str) -> Iterator[podman.PodmanClient]:
+    with podman.PodmanClient(base_url=podman_socket, timeout=60) as made:
+        yield made
+
+
+def make_spec(run_dir: Path, image: str, command: list[str], **overrides) -> RunSpec:
+    job_id = overrides.pop("job_id", f"test-{uuid.uuid4().hex[:8]}")
+    values = {
+        "job_id": job_id,
+        "image": image,
+        "command": command,
+        "env": {},
+        "mounts": [],
+        "output_dir": run_dir / "output",
+        "walltime_s": 60.0,
+        "labels": {"fairu.job_id": job_id, "fairu.agent_id": f"agent-{job_id}"},
+        "memory_mb": 512,
+    }
+    values.update(overrides)
+    return RunSpec(**values)
+
+
+def containers_of_job(client: podman.PodmanClient, job_id: str) -> list:
+    return client.containers.list(all=True, filters={"label": f"fairu.job_id={job_id}"})
+
+
+def python(code: str) -> list[str]:
+    return ["python3", "-c", code]
+
+
+async def test_run_writes_scores_and_log(runner, client, run_dir, image):
+    code = (
+        "import json\n"
+        "json.dump({'accuracy': 0.75}, open('/output/scores.json', 'w'))\n"
+        "print('scored 0.75')\n"
+    )
+    spec = make_spec(run_dir, image, python(code))
+
+    outcome = await runner.run(spec)
+
+    assert outcome.exit_code == 0
+    assert not outcome.timed_out
+    assert outcome.log_tail == "scored 0.75\n"
+    assert not outcome.log_truncated
+    assert outcome.run_s > 0
+    assert json.loads((run_dir / "output" / "scores.json").read_text()) == {"accuracy": 0.75}
+    assert containers_of_job(client, spec.job_id) == []
+
+
+async def test_run_reports_nonzero_exit(runner, client, run_dir, image):
+    spec = make_spec(run_dir, image, python("import sys; print('failing'); sys.exit(3)"))
+
+    outcome = await runner.run(spec)
+
+    assert outcome.exit_code == 3
+    assert not outcome.timed_out
+    assert "failing" in outcome.log_tail
+    assert containers_of_job(client, spec.job_id) == []
+
+
+async def test_run_kills_container_after_walltime(runner, client, run_dir, image):
+    code = "import time; print('sleeping', flush=True); time.sleep(30)"
+    spec = make_spec(run_dir, image, python(code), walltime_s=2.0)
+
+    started = time.monotonic()
+    outcome = await runner.run(spec)
+    elapsed = time.monotonic() - started
+
+    assert outcome.timed_out
+    assert outcome.exit_code is None
+    assert 2.0 <= outcome.run_s < 10.0
+    assert elapsed < 20.0
+    assert "sleeping" in outcome.log_tail
+    assert containers_of_job(client, spec.job_id) == []
+
+
+async def test_run_keeps_tail_of_log_flood(runner, client, run_dir, image):
+    # 300,000 lines of 12 bytes: 3.6 MB, far more than the 64 KiB cap.
+    code = "import sys\nfor i in range(300000): sys.stdout.write('line %06d\\n' % i)\n"
+    spec = make_spec(run_dir, image, python(code))
+
+    outcome = await runner.run(spec)
+
+    assert outcome.exit_code == 0
+    assert outcome.log_truncated
+    marker, _, kept = outcome.log_tail.partition("\n")
+    assert marker.startswith("[fairu: earlier log output dropped")
+    assert len(kept.encode()) == LOG_CAP
+    assert kept.endswith("line 299999\n")
+    assert containers_of_job(client, spec.job_id) == []
+
+
+async def test_run_counts_dropped_log_bytes(runner, run_dir, image):
+    # 500 lines of 200 bytes: fewer lines than the runner's first request, so it sees
+    # the whole log and knows how many bytes it dropped.
+    code = "for i in range(500): print('%05d' % i + 'x' * 194)\n"
+    spec = make_spec(run_dir, image, python(code))
+
+    outcome = await runner.run(spec)
+
+    assert outcome.log_truncated
+    marker, _, kept = outcome.log_tail.partition("\n")
+    assert marker == f"[fairu: {500 * 200 - LOG_CAP} earlier bytes of log dropped]"
+    assert len(kept.encode()) == LOG_CAP
+    assert kept.endswith("00499" + "x" * 194 + "\n")
+
+
+SANDBOX_PROBE = r"""
+import json, os, resource
+
+def try_write(path):
+    try:
+        with open(path, "w") as handle:
+            handle.write("x")
+        return 0
+    except OSError as error:
+        return error.errno
+
+status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines())
+print(json.dumps({
+    "etc_write_errno": try_write("/etc/fairu-test"),
+    "tmp_write_errno": try_write("/tmp/fairu-test"),
+    "input_write_errno": try_write("/inputs/data/new-file"),
+    "input_text": open("/inputs/data/data.txt").read(),
+    "interfaces": sorted(os.listdir("/sys/class/net")),
+    "cap_eff": status["CapEff"].strip(),
+    "no_new_privs": status["NoNewPrivs"].strip(),
+    "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+    "data": resource.getrlimit(resource.RLIMIT_DATA),
+    "cwd": os.getcwd(),
+    "env": {name: os.environ.get(name) for name in ("JOB_SETTING", "HOME", "NVIDIA_VISIBLE_DEVICES")},
+}))
+"""
+
+
+async def test_run_confines_container(runner, run_dir, image):
+    data_dir = run_dir / "inputs" / "data"
+    data_dir.mkdir(mode=0o755)
+    (data_dir / "data.txt").write_text("input bytes")
+    data_dir.chmod(0o755)
+    (data_dir / "data.txt").chmod(0o644)
+    spec = make_spec(
+        run_dir,
+        image,
+        python(SANDBOX_PROBE),
+        mounts=[Mount(source=data_dir, target="/inputs/data")],
+        env={"JOB_SETTING": "on"},
+        memory_mb=300,
+    )
+
+    outcome = await runner.run(spec)
+
+    assert outcome.exit_code == 0, outcome.log_tail
+    probe = json.loads(outcome.log_tail)
+    assert probe["etc_write_errno"] == EROFS
+    assert probe["tmp_write_errno"] == 0
+    assert probe["input_write_errno"] == EROFS
+    assert probe["input_text"] == "input bytes"
+    assert probe["interfaces"] == ["lo"]
+    assert probe["cap_eff"] == "0000000000000000"
+    assert probe["no_new_privs"] == "1"
+    assert probe["nofile"] == [1024, 1024]
+    assert probe["data"] == [300 * 1024 * 1024, 300 * 1024 * 1024]
+    assert probe["cwd"] == "/output"
+    assert probe["env"] == {"JOB_SETTING": "on", "HOME": "/tmp", "NVIDIA_VISIBLE_DEVICES": "void"}
+
+
+async def test_run_data_ulimit_bounds_memory(runner, run_dir, image):
+    code = (
+        "import sys\n"
+        "try:\n"
+        "    block = bytearray(512 * 1024 * 1024)\n"
+        "except MemoryError:\n"
+        "    sys.exit(17)\n"
+    )
+    spec = make_spec(run_dir, image, python(code), memory_mb=256)
+
+    outcome = await runner.run(spec)
+
+    assert outcome.exit_code == 17, outcome.log_tail
+
+
+async def test_run_hands_output_dir_to_socket_owner(runner, settings, run_dir, image):
+    spec = make_spec(run_dir, image, python("open('/output/written', 'w').write('ok')"))
+    socket_uid = settings.socket_path.stat().st_uid
+    uid_before = spec.output_dir.stat().st_uid
+
+    outcome = await runner.run(spec)
+
+    assert outcome.exit_code == 0, outcome.log_tail
+    if os.geteuid() == 0:
+        assert spec.output_dir.stat().st_uid == socket_uid
+    else:
+        assert spec.output_dir.stat().st_uid == uid_before
+    assert (spec.output_dir / "written").read_text() == "ok"
+
+
+async def test_run_rejects_unsearchable_output_dir(runner, client, run_dir, image):
+    if os.geteuid() == 0:
+        locked = run_dir / "locked"
+        locked.mkdir(mode=0o700)
+        output = locked / "output"
+        output.mkdir()
+        spec = make_spec(run_dir, image, ["true"], output_dir=output)
+
+        with pytest.raises(ContainerError, match=f"directory {locked} is missing or lacks search"):
+            await runner.run(spec)
+        assert containers_of_job(client, spec.job_id) == []
+    else:
+        pytest.fail("this test needs root: it checks the root agent with a rootless socket")
+
+
+async def test_missing_image_raises_container_error(runner, client, run_dir):
+    spec = make_spec(run_dir, "localhost/fairu-missing:0", ["true"])
+
+    with pytest.raises(ContainerError, match="image localhost/fairu-missing:0 not found") as caught:
+        await runner.run(spec)
+
+    assert "scripts/build-image.sh" in str(caught.value)
+    assert containers_of_job(client, spec.job_id) == []
+
+
+async def test_missing_command_raises_container_error(runner, client, run_dir, image):
+    spec = make_spec(run_dir, image, ["/no/such/program"])
+
+    with pytest.raises(ContainerError, match="failed to start container") as caught:
+        await runner.run(spec)
+
+    assert "/no/such/program" in str(caught.value)
+    assert containers_of_job(client, spec.job_id) == []
+
+
+async def test_unreachable_socket_raises_runner_unavailable(run_dir, image):
+    socket_url = f"unix://{run_dir}/no-service.sock"
+    unreachable = PodmanRunner(PodmanSettings(socket_url=socket_url))
+    try:
+        with pytest.raises(RunnerUnavailable, match="scripts/setup-host.sh") as caught:
+            await unreachable.check()
+        assert socket_url in str(caught.value)
+
+        with pytest.raises(RunnerUnavailable, match="no-service.sock"):
+            await unreachable.run(make_spec(run_dir, image, ["true"]))
+    finally:
+        await unreachable.close()
+
+
+async def test_remove_labelled_removes_only_that_agent(runner, client, image):
+    agent_id = f"agent-{uuid.uuid4().hex[:8]}"
+    other_agent_id = f"agent-{uuid.uuid4().hex[:8]}"
+    # Rootless slirp4netns networking fails on these hosts, and the runner never uses it.
+    for index in range(2):
+        client.containers.create(
+            image,
+            ["sleep", "30"],
+            labels={"fairu.agent_id": agent_id, "fairu.job_id": f"{agent_id}-{index}"},
+            network_mode="none",
+        ).start()
+    other = client.containers.create(
+        image, ["true"], labels={"fairu.agent_id": other_agent_id}, network_mode="none"
+    )
+    try:
+        removed = await runner.remove_labelled(agent_id)
+
+        assert removed == 2
+        left = client.containers.list(all=True, filters={"label": f"fairu.agent_id={agent_id}"})
+        assert left == []
+        assert client.containers.exists(other.id)
+    finally:
+        other.remove(force=True)
+
+
+async def test_cancelled_run_removes_container(runner, client, run_dir, image):
+    spec = make_spec(run_dir, image, ["sleep", "30"])
+    task = asyncio.create_task(runner.run(spec))
+    deadline = time.monotonic() + 30
+    while not containers_of_job(client, spec.job_id):
+        assert time.monotonic() < deadline, "the container was never created"
+        await asyncio.sleep(0.1)
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert containers_of_job(client, spec.job_id) == []
+
+
+async def test_run_leaves_event_loop_free(runner, run_dir, image):
+    gaps = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        specs = []
+        for index in range(2):
+            job_id = f"loop-{index}-{uuid.uuid4().hex[:6]}"
+            output = run_dir / job_id
+            output.mkdir()
+            specs.append(make_spec(run_dir, image, ["sleep", "2"], job_id=job_id, output_dir=output))
+        started = time.monotonic()
+        outcomes = await asyncio.gather(*(runner.run(spec) for spec in specs))
+        elapsed = time.monotonic() - started
+    finally:
+        ticker.cancel()
+
+    assert [outcome.exit_code for outcome in outcomes] == [0, 0]
+    # Two 2 s containers in parallel finish well before two in a row would.
+    assert elapsed < 2 * 2.0 + 2.0
+    assert max(gaps) < 0.5

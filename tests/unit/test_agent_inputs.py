@@ -1,0 +1,147 @@
+"""Strict reading of what operators, organizers and containers hand the agent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fairu.agent.config import load_config
+from fairu.agent.scores import parse_scores, read_scores
+from fairu.broker.jobfile import load_job_file, parse_duration
+from fairu.protocol import ConfigError, ErrorCode, JobError
+from fairu.protocol.signing import generate_private_key, public_key_text
+
+
+def test_scores_accepts_flat_numbers():
+    assert parse_scores(b'{"quantiles_score": 0.69, "n": 100}') == {
+        "quantiles_score": 0.69,
+        "n": 100.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"score: 1", id="yaml"),
+        pytest.param(b"[1, 2]", id="array"),
+        pytest.param(b'{"a": NaN}', id="nan"),
+        pytest.param(b'{"a": Infinity}', id="infinity"),
+        pytest.param(b'{"a": 1e999}', id="overflow-float"),
+        pytest.param(b'{"a": ' + b"9" * 400 + b"}", id="overflow-int"),
+        pytest.param(b'{"a": true}', id="bool"),
+        pytest.param(b'{"a": "1.0"}', id="string"),
+        pytest.param(b'{"a": {"b": 1}}', id="nested"),
+        pytest.param(b'{"bad name": 1}', id="name-space"),
+        pytest.param(b'{"' + b"k" * 65 + b'": 1}', id="name-long"),
+        pytest.param(json.dumps({f"s{i}": i for i in range(300)}).encode(), id="too-many"),
+        pytest.param(b"\xff", id="not-utf8"),
+    ],
+)
+def test_scores_rejects(data):
+    with pytest.raises(JobError) as caught:
+        parse_scores(data)
+    assert caught.value.code is ErrorCode.BAD_SCORES
+
+
+def test_scores_missing_file(tmp_path):
+    with pytest.raises(JobError) as caught:
+        read_scores(tmp_path)
+    assert caught.value.code is ErrorCode.MISSING_SCORES
+
+
+def test_scores_symlink_is_not_followed(tmp_path):
+    (tmp_path / "scores.json").symlink_to("/etc/hostname")
+    with pytest.raises(JobError) as caught:
+        read_scores(tmp_path)
+    assert caught.value.code is ErrorCode.MISSING_SCORES
+
+
+def write_config(folder: Path, body: str) -> Path:
+    key = public_key_text(generate_private_key().public_key())
+    path = folder / "site.toml"
+    path.write_text(body.replace("KEY", key))
+    return path
+
+
+VALID = """
+[site]
+name = "laptop"
+[trust]
+signing_keys = ["KEY"]
+[agent]
+state_dir = "state"
+[[queues]]
+competition = "higgs"
+name = "cpu"
+"""
+
+
+def test_config_resolves_relative_paths(tmp_path):
+    config = load_config(write_config(tmp_path, VALID))
+    assert config.agent.state_dir == tmp_path / "state"
+    assert config.queues[0].amqp_name == "fairu.jobs.higgs.cpu"
+    assert len(config.trusted_keys()) == 1
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        pytest.param(("slots", "slotz"), "agent.slotz", id="misspelt-key"),
+        pytest.param(('name = "laptop"', 'name = "Lap Top"'), "site.name", id="bad-site-name"),
+        pytest.param(('["KEY"]', '["not-a-key"]'), "invalid Ed25519 public key", id="bad-key"),
+        pytest.param(("[[queues]]", "[[queue]]"), "queue", id="no-queues"),
+        pytest.param(("[site]", "[site"), "not valid TOML", id="bad-toml"),
+    ],
+)
+def test_config_errors_name_the_value(tmp_path, edit, expected):
+    body = VALID.replace("state_dir", "slots = 1\nstate_dir") if edit[0] == "slots" else VALID
+    path = write_config(tmp_path, body.replace(*edit))
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path).trusted_keys()
+
+
+def test_config_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read site config"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_job_file_computes_input_digest(tmp_path):
+    (tmp_path / "data.bin").write_bytes(b"abc")
+    (tmp_path / "job.toml").write_text(
+        """
+competition = "higgs"
+queue = "cpu"
+submission_id = "s1"
+image = "localhost/fairu-python:1"
+command = ["true"]
+expires_in = "2h"
+[resources]
+cpus = 2
+[[inputs]]
+name = "data"
+url = "http://127.0.0.1:8470/data.bin"
+file = "data.bin"
+mount = "data"
+"""
+    )
+    job = load_job_file(tmp_path / "job.toml")
+    assert job.inputs[0].size == 3
+    assert job.inputs[0].sha256 == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )
+    assert job.resources.cpus == 2.0
+    assert (job.expires_at - job.created_at).total_seconds() == 7200
+
+
+def test_job_file_error_names_field(tmp_path):
+    (tmp_path / "job.toml").write_text('competition = "higgs"\n')
+    with pytest.raises(ConfigError, match="queue"):
+        load_job_file(tmp_path / "job.toml")
+
+
+@pytest.mark.parametrize("text", ["1 week", "10", "-5m", ""])
+def test_duration_rejects(text):
+    with pytest.raises(ConfigError, match="invalid duration"):
+        parse_duration(text)
