@@ -59,6 +59,11 @@ def key_id_for(key: Ed25519PublicKey) -> str:
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
+def agent_id_for(site: str, key: Ed25519PublicKey) -> str:
+    """Derive an agent id from its site and identity key, so no agent can claim another's."""
+    return f"{site}-{key_id_for(key).split(':', 1)[1][:12]}"
+
+
 def write_private_key(
     path: Path, key: Ed25519PrivateKey, passphrase: bytes | None = None
 ) -> None:
