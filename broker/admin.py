@@ -107,6 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--json", action="store_true", help="print the result as JSON")
     submit.set_defaults(handler=_submit)
+
+    results = groups.add_parser("results", help="results recorded by the coordinator")
+    show = results.add_subparsers(dest="action", required=True).add_parser(
+        "show", help="show the recorded final result of a job"
+    )
+    show.add_argument("job_id")
+    show.add_argument("--db", type=Path, required=True, help="the coordinator's SQLite file")
+    show.set_defaults(handler=_results_show)
     return parser
 
 
@@ -180,6 +188,34 @@ def _check_name(kind: str, value: str) -> None:
             f"invalid {kind} name {value!r}: use 1 to 63 lowercase letters, digits, "
             "'_' or '-', starting with a letter or digit"
         ) from None
+
+
+# --- results ---------------------------------------------------------------------
+
+
+def _results_show(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    if not args.db.exists():
+        raise ConfigError(f"coordinator database {args.db} not found; pass the file given to "
+                          "fairu-coordinator --db")
+    store = Store(args.db)
+    try:
+        stored = store.result(args.job_id)
+        repeats = store.audit_count(args.job_id)
+    finally:
+        store.close()
+    if stored is None:
+        print(f"no result recorded for job {args.job_id}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"job          {stored.job_id}")
+    print(f"status       {stored.status}")
+    print(f"agent        {stored.agent_id} (site {stored.site})")
+    print(f"recorded at  {stored.recorded_at} UTC")
+    print(f"repeats      {repeats} later results kept for audit")
+    for name, value in stored.scores.items():
+        print(f"  {name:<20} {value:.6g}")
+    return 0
 
 
 # --- submit ----------------------------------------------------------------------

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Run the main job on the local setup: RabbitMQ, the artifact server and one agent on
+# this machine evaluate the HiggsML demo's sample submission in rootless podman,
+# and the score is printed next to the one computed directly on the host.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+bash scripts/setup-host.sh
+bash scripts/install.sh
+bin=$repo/.venv/bin
+example=$repo/examples/higgsml-demo
+keys=/var/lib/fairu/keys
+logs=/var/lib/fairu/logs
+mkdir -p "$logs"
+
+echo "== building the example challenge bundles"
+"$bin/python" "$example/build_bundles.py" --out "$example/dist" >/dev/null
+
+if [ ! -f "$keys/signing.key" ]; then
+    echo "== making a job-signing key in $keys"
+    "$bin/fairu-admin" keys init --out "$keys" >/dev/null
+fi
+"$bin/fairu-admin" queues create cpu --competition higgsml-demo
+
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+echo "== starting the artifact server (log: $logs/artifacts.log)"
+"$bin/fairu-artifacts" --root "$example/dist" --port 8470 >"$logs/artifacts.log" 2>&1 &
+pids+=($!)
+echo "== starting the coordinator (log: $logs/coordinator.log)"
+"$bin/fairu-coordinator" --db /var/lib/fairu/coordinator.sqlite >"$logs/coordinator.log" 2>&1 &
+pids+=($!)
+echo "== starting fairu-agent (log: $logs/agent.log)"
+"$bin/fairu-agent" start --config configs/sites/local.toml >"$logs/agent.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do
+    grep -q "serving" "$logs/agent.log" 2>/dev/null && break
+    if ! kill -0 "${pids[2]}" 2>/dev/null; then
+        echo "fairu-agent exited early:" >&2
+        cat "$logs/agent.log" >&2
+        exit 1
+    fi
+    sleep 0.2
+done
+
+echo "== submitting the sample submission"
+job_id="demo-$(date +%Y%m%d-%H%M%S)"
+"$bin/fairu-admin" submit "$example/job.toml" --key "$keys/signing.key" --job-id "$job_id" --wait
+
+echo "== recorded by the coordinator"
+for _ in $(seq 1 50); do
+    "$bin/fairu-admin" results show "$job_id" --db /var/lib/fairu/coordinator.sqlite \
+        2>/dev/null && break
+    sleep 0.2
+done
+
+echo "== the same predictions scored directly on this host"
+"$bin/python" - "$example" <<'PY'
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("build_bundles", sys.argv[1] + "/build_bundles.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+scores = module.expected_scores()
+print(f"quantiles_score  {scores['quantiles_score']:.6g}")
+PY
