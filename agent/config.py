@@ -40,9 +40,26 @@ class BrokerSection(Section):
 
 
 class TrustSection(Section):
-    # Base64 Ed25519 public keys of the job-signing keys, inline or in files.
+    # The root public key that certifies job-signing keys (base64), inline or in a file.
+    root_key: str | None = None
+    root_key_file: Path | None = None
+    # Job-signing keys trusted without a certificate, inline or in files.
     signing_keys: list[str] = []
     signing_key_files: list[Path] = []
+
+
+class PolicySection(Section):
+    """What this site accepts. Empty lists accept everything the queues deliver."""
+
+    competitions: list[Name] = []
+    # Image reference prefixes, e.g. "ghcr.io/higgsml/" or "localhost/".
+    allowed_images: list[str] = []
+    # Images outside localhost/ must be pinned by digest (name@sha256:...).
+    require_digest: bool = True
+    max_cpus: Annotated[float, Field(gt=0)] | None = None
+    max_memory_mb: Annotated[int, Field(gt=0)] | None = None
+    max_gpus: Annotated[int, Field(ge=0)] | None = None
+    max_walltime_s: Annotated[int, Field(gt=0)] | None = None
 
 
 class QueueSection(Section):
@@ -65,6 +82,21 @@ class AgentSection(Section):
     # Clock skew tolerated when checking created_at and expires_at.
     clock_skew_s: Annotated[float, Field(ge=0, le=3600)] = 60.0
     health_listen: str = "127.0.0.1:0"
+    # A one-time token from `fairu-admin agents enroll`, inline or in a file; the
+    # coordinator approves the agent on its first registration with it.
+    enrollment_token: str | None = None
+    enrollment_token_file: Path | None = None
+
+    def read_enrollment_token(self) -> str | None:
+        if self.enrollment_token_file is None:
+            return self.enrollment_token
+        try:
+            return self.enrollment_token_file.read_text().strip() or None
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read agent.enrollment_token_file {self.enrollment_token_file}: "
+                f"{exc.strerror}"
+            ) from None
 
 
 class PodmanSection(Section):
@@ -104,7 +136,22 @@ class SiteConfig(Section):
     trust: TrustSection
     agent: AgentSection
     queues: Annotated[list[QueueSection], Field(min_length=1)]
+    policy: PolicySection = PolicySection()
     runner: RunnerSection = RunnerSection()
+
+    def root_key(self) -> Ed25519PublicKey | None:
+        if self.trust.root_key and self.trust.root_key_file:
+            raise ConfigError("set either trust.root_key or trust.root_key_file, not both")
+        text = self.trust.root_key
+        if self.trust.root_key_file is not None:
+            try:
+                text = self.trust.root_key_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read trust.root_key_file {self.trust.root_key_file}: "
+                    f"{exc.strerror}; write it with `fairu-admin keys init-root`"
+                ) from None
+        return load_public_key_text(text) if text else None
 
     def trusted_keys(self) -> dict[str, Ed25519PublicKey]:
         keys: dict[str, Ed25519PublicKey] = {}
@@ -120,10 +167,10 @@ class SiteConfig(Section):
         for text in texts:
             key = load_public_key_text(text)
             keys[key_id_for(key)] = key
-        if not keys:
+        if not keys and self.root_key() is None:
             raise ConfigError(
-                "the [trust] section names no signing key: add signing_keys or "
-                "signing_key_files, or the agent could accept no job"
+                "the [trust] section names no key: set root_key (or root_key_file) to "
+                "the platform's root public key, or list signing_keys"
             )
         return keys
 
@@ -148,7 +195,19 @@ def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
         return value if value.is_absolute() else base / value
 
     trust = config.trust.model_copy(
-        update={"signing_key_files": [resolve(p) for p in config.trust.signing_key_files]}
+        update={
+            "signing_key_files": [resolve(p) for p in config.trust.signing_key_files],
+            "root_key_file": resolve(config.trust.root_key_file)
+            if config.trust.root_key_file
+            else None,
+        }
     )
-    agent = config.agent.model_copy(update={"state_dir": resolve(config.agent.state_dir)})
+    agent = config.agent.model_copy(
+        update={
+            "state_dir": resolve(config.agent.state_dir),
+            "enrollment_token_file": resolve(config.agent.enrollment_token_file)
+            if config.agent.enrollment_token_file
+            else None,
+        }
+    )
     return config.model_copy(update={"trust": trust, "agent": agent})

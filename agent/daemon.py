@@ -9,28 +9,34 @@ delivery tag means nothing on another channel.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import random
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import aiohttp
 
 from fairu import __version__
-from fairu.protocol.errors import RejectedError
+from fairu.protocol.errors import ErrorCode, RejectedError
 from fairu.protocol.models import (
     AgentState,
+    Envelope,
     Heartbeat,
     JobSpec,
     Registration,
+    RootChain,
     StatusEvent,
     utc_now,
 )
-from fairu.protocol.signing import public_key_text, sign_model
+from fairu.protocol.signing import decode_envelope, parse_payload, public_key_text, sign_model
 from fairu.protocol.topology import (
     EVENTS_EXCHANGE,
     RESULTS_EXCHANGE,
+    TRUST_STREAM,
     heartbeat_routing_key,
     registration_routing_key,
     result_routing_key,
@@ -40,10 +46,11 @@ from fairu.runners.base import Runner, RunnerUnavailable
 
 from .config import SiteConfig
 from .fetch import InputCache
-from .pipeline import JobPipeline, Outcome, PipelineSettings
+from .pipeline import JobPipeline, Outcome, PipelineSettings, message_digest
 from .probe import Capacity, probe_capacity
 from .session import AmqpSession, Delivery, SessionError
 from .state import Identity, StateDir
+from .trust import TrustStore
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +93,7 @@ class Agent:
         self._abandon_publishing = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._pipeline: JobPipeline | None = None
+        self.trust: TrustStore | None = None
 
     @property
     def agent_id(self) -> str:
@@ -119,7 +127,13 @@ class Agent:
         self.identity = await asyncio.to_thread(
             self.state.load_identity, self.config.site.name
         )
-        trusted = self.config.trusted_keys()
+        self.trust = TrustStore(
+            self.config.agent.state_dir / "trust",
+            self.config.root_key(),
+            self.config.trusted_keys(),
+            timedelta(seconds=self.config.agent.clock_skew_s),
+        )
+        await asyncio.to_thread(self.trust.load)
         self.capacity = await asyncio.to_thread(probe_capacity)
         logger.info(
             "agent %s starting: site %s, %d cores, %d MiB, %d GPUs, %d slots, queues %s",
@@ -149,7 +163,8 @@ class Agent:
                     clock_skew_s=self.config.agent.clock_skew_s,
                 ),
                 self.identity,
-                trusted,
+                self.trust,
+                self.config.policy,
                 self.state,
                 InputCache(self.state.cache, http),
                 self.runner,
@@ -209,11 +224,24 @@ class Agent:
                     f"{queue.competition}` or fix [[queues]] in the site config",
                     permanent=True,
                 )
+        watch_trust = self.trust is not None and self.trust.view().root_key is not None
+        if watch_trust and not await session.queue_exists(TRUST_STREAM):
+            raise SessionError(
+                f"the trust stream {TRUST_STREAM} does not exist on the broker; declare the "
+                "topology with `fairu-admin topology declare`",
+                permanent=True,
+            )
         await session.set_prefetch(self.config.agent.slots)
         self.session = session
         self.connected.set()
         await self._flush_spool(session)
         await self._publish_registration(session)
+        if watch_trust:
+            # Read the whole history: versions only go up, so replaying it is harmless
+            # and catches up on what was published while this agent was offline.
+            await session.consume(
+                TRUST_STREAM, self._on_trust_message, arguments={"x-stream-offset": "first"}
+            )
         self.agent_state = AgentState.SERVING
         for queue in self.config.queues:
             await session.consume(queue.amqp_name, self._on_delivery)
@@ -293,13 +321,27 @@ class Agent:
 
     async def _handle(self, session: AmqpSession, delivery: Delivery) -> None:
         assert self._pipeline is not None
+        try:
+            await self._handle_delivery(session, delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The pipeline turns its own failures into results; this catches a fault
+            # around it (the job record, the spool) so the job still gets one.
+            logger.exception(
+                "agent %s failed handling delivery %d from %s",
+                self.agent_id, delivery.delivery_tag, delivery.queue,
+            )
+            outcome = await self._pipeline.fail_internal(delivery, exc)
+            self._settle_outcome(session, delivery, outcome)
+
+    async def _handle_delivery(self, session: AmqpSession, delivery: Delivery) -> None:
+        assert self._pipeline is not None
         pipeline = self._pipeline
-        job: JobSpec | None = None
         try:
             job = pipeline.authenticate(delivery)
-            pipeline.admit(job, delivery)
         except RejectedError as exc:
-            outcome = await pipeline.reject(delivery, exc, job)
+            outcome = await pipeline.reject(delivery, exc, None)
             self._settle_outcome(session, delivery, outcome)
             return
 
@@ -313,17 +355,54 @@ class Agent:
 
         record = await asyncio.to_thread(self.state.finished, job.job_id)
         if record is not None:
-            outcome = await pipeline.replay(job.job_id, record.result)
+            if record.message_sha256 == message_digest(delivery.body):
+                outcome = await pipeline.replay(job.job_id, record.result)
+            else:
+                replayed = RejectedError(
+                    ErrorCode.REPLAYED,
+                    f"job id {job.job_id} already ended here as {record.status}; a job id "
+                    "runs once, so submit the job again under a new id",
+                )
+                outcome = await pipeline.reject(delivery, replayed, job, record=False)
+            self._settle_outcome(session, delivery, outcome)
+            return
+
+        try:
+            pipeline.admit(job, delivery)
+        except RejectedError as exc:
+            outcome = await pipeline.reject(delivery, exc, job)
             self._settle_outcome(session, delivery, outcome)
             return
 
         running = RunningJob(job, session, delivery, asyncio.current_task())  # type: ignore[arg-type]
         self.running[job.job_id] = running
         try:
-            outcome = await pipeline.execute(job)
+            outcome = await pipeline.execute(job, delivery)
         finally:
             self.running.pop(job.job_id, None)
         self._settle_outcome(running.session, running.delivery, outcome)
+
+    def _on_trust_message(self, delivery: Delivery) -> None:
+        session = self.session
+        task = asyncio.create_task(self._apply_trust(delivery))
+        if session is not None:
+            task.add_done_callback(lambda _t: session.ack(delivery.delivery_tag))
+        self._track(task)
+
+    async def _apply_trust(self, delivery: Delivery) -> None:
+        assert self.trust is not None
+        try:
+            envelope = decode_envelope(delivery.body)
+            kind = _payload_kind(envelope)
+            if kind == "revocation_list":
+                await asyncio.to_thread(self.trust.apply_revocations, envelope)
+            elif kind == "root_chain":
+                chain = parse_payload(_payload_bytes(envelope), RootChain)
+                await asyncio.to_thread(self.trust.apply_chain, chain)
+            else:
+                logger.warning("agent %s ignored a trust message of kind %r", self.agent_id, kind)
+        except RejectedError as exc:
+            logger.error("agent %s rejected a trust message: %s", self.agent_id, exc)
 
     def _settle_outcome(self, session: AmqpSession, delivery: Delivery, outcome: Outcome) -> None:
         self._settle(session, delivery, requeue=False, dead_letter=outcome.dead_letter)
@@ -423,6 +502,7 @@ class Agent:
             slots=self.config.agent.slots,
             running_jobs=sorted(self.running),
             free_slots=self.free_slots,
+            enrollment_token=self.config.agent.read_enrollment_token(),
             at=utc_now(),
         )
         body = sign_model(registration, self.identity.key, self.identity.agent_id)
@@ -455,6 +535,18 @@ class Agent:
                 logger.warning("agent %s heartbeat not sent: %s", self.agent_id, exc)
                 return
             await self._sleep_unless_stopped(interval)
+
+
+def _payload_bytes(envelope: Envelope) -> bytes:
+    return base64.b64decode(envelope.payload)
+
+
+def _payload_kind(envelope: Envelope) -> object:
+    try:
+        data = json.loads(_payload_bytes(envelope))
+    except ValueError:
+        return None
+    return data.get("kind") if isinstance(data, dict) else None
 
 
 def build_runner(config: SiteConfig) -> Runner:

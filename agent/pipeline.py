@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import re
@@ -17,8 +18,6 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fairu.protocol.errors import ErrorCode, JobError, RejectedError
 from fairu.protocol.models import (
@@ -32,14 +31,18 @@ from fairu.protocol.models import (
     StatusEvent,
     utc_now,
 )
-from fairu.protocol.signing import decode_envelope, parse_payload, sign_model, verify_envelope
+from fairu.protocol.signing import decode_envelope, parse_payload, sign_model
+from fairu.protocol.trust import verify_job_envelope
 from fairu.protocol.topology import split_job_queue_name
 from fairu.runners.base import Mount, Runner, RunnerUnavailable, RunSpec, ContainerError
 
+from .config import PolicySection
 from .fetch import InputCache
+from .policy import check_policy
 from .scores import read_scores
 from .session import Delivery
 from .state import Identity, StateDir
+from .trust import TrustStore
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +76,8 @@ class JobPipeline:
         self,
         settings: PipelineSettings,
         identity: Identity,
-        trusted_keys: dict[str, Ed25519PublicKey],
+        trust: TrustStore,
+        policy: PolicySection,
         state: StateDir,
         cache: InputCache,
         runner: Runner,
@@ -81,7 +85,8 @@ class JobPipeline:
     ) -> None:
         self.settings = settings
         self.identity = identity
-        self.trusted_keys = trusted_keys
+        self.trust = trust
+        self.policy = policy
         self.state = state
         self.cache = cache
         self.runner = runner
@@ -92,15 +97,24 @@ class JobPipeline:
     def authenticate(self, delivery: Delivery) -> JobSpec:
         """Verify the signature, then parse the payload; raise `RejectedError`."""
         envelope = decode_envelope(delivery.body, self.settings.max_message_bytes)
-        payload = verify_envelope(envelope, self.trusted_keys)
+        payload = verify_job_envelope(envelope, self.trust.view())
         return parse_payload(payload, JobSpec)
 
     def admit(self, job: JobSpec, delivery: Delivery) -> None:
-        """Check an authenticated job's freshness and audience; raise `RejectedError`."""
+        """Check an authenticated job's freshness, audience and the site policy."""
         self._check_fresh(job)
         self._check_audience(job, delivery.queue)
+        check_policy(job, self.policy)
 
-    async def reject(self, delivery: Delivery, error: RejectedError, job: JobSpec | None) -> Outcome:
+    async def reject(
+        self,
+        delivery: Delivery,
+        error: RejectedError,
+        job: JobSpec | None,
+        record: bool = True,
+    ) -> Outcome:
+        """Publish a rejection; `record` is false for a rejection that must not
+        overwrite what this agent already recorded for the job id."""
         authenticated = job is not None
         if job is not None:
             job_id = job.job_id
@@ -118,8 +132,24 @@ class JobPipeline:
             error=ErrorInfo(code=error.code, message=error.message),
             authenticated=authenticated,
         )
-        await self._finish(result)
+        await self._finish(result, message_digest(delivery.body) if record else None)
         return Outcome(job_id, FinalStatus.REJECTED, dead_letter=True)
+
+    async def fail_internal(self, delivery: Delivery, error: Exception) -> Outcome:
+        """End a delivery whose handling failed outside the steps with internal_error."""
+        job_id = claimed_job_id(delivery.body)
+        result = self._result(
+            job_id,
+            None,
+            FinalStatus.FAILED,
+            error=ErrorInfo(
+                code=ErrorCode.INTERNAL_ERROR,
+                message=f"unexpected {type(error).__name__}: {error}"[:4000],
+            ),
+            authenticated=False,
+        )
+        await self._finish(result, None)
+        return Outcome(job_id, FinalStatus.FAILED, dead_letter=True)
 
     async def replay(self, job_id: str, result: bytes) -> Outcome:
         """Answer a redelivered, already finished job from its record."""
@@ -129,7 +159,7 @@ class JobPipeline:
         status = FinalStatus(record.status) if record else FinalStatus.FAILED
         return Outcome(job_id, status, dead_letter=False)
 
-    async def execute(self, job: JobSpec) -> Outcome:
+    async def execute(self, job: JobSpec, delivery: Delivery) -> Outcome:
         started = time.monotonic()
         durations = {"fetch_s": 0.0, "run_s": 0.0}
         logger.info(
@@ -163,7 +193,7 @@ class JobPipeline:
         result = result.model_copy(
             update={"durations": Durations(total_s=total, **durations)}
         )
-        await self._finish(result)
+        await self._finish(result, message_digest(delivery.body))
         logger.info(
             "job %s finished: %s in %.1f s", job.job_id, result.status.value, total
         )
@@ -282,11 +312,16 @@ class JobPipeline:
             **fields,  # type: ignore[arg-type]
         )
 
-    async def _finish(self, result: JobResult) -> None:
+    async def _finish(self, result: JobResult, digest: str | None) -> None:
+        """Sign, record under the job message's digest, and publish the result.
+
+        A result for an unauthenticated message is never recorded, because its job
+        id is only a claim; `digest` is None for a result that must not be recorded.
+        """
         body = sign_model(result, self.identity.key, self.identity.agent_id)
-        if result.authenticated:
+        if result.authenticated and digest is not None:
             await asyncio.to_thread(
-                self.state.record_finished, result.job_id, result.status.value, body
+                self.state.record_finished, result.job_id, result.status.value, digest, body
             )
         await self.publisher.publish_result(result.job_id, body)
 
@@ -295,6 +330,10 @@ class JobPipeline:
             job_id=job.job_id, agent_id=self.identity.agent_id, state=state, at=utc_now()
         )
         await self.publisher.publish_status(event)
+
+
+def message_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
 
 
 def claimed_job_id(body: bytes) -> str:

@@ -254,7 +254,13 @@ class AmqpSession:
         self.channel.basic_qos(prefetch_count=count, callback=_resolver(done))
         await done
 
-    async def consume(self, queue: str, handler: DeliveryHandler, exclusive: bool = False) -> str:
+    async def consume(
+        self,
+        queue: str,
+        handler: DeliveryHandler,
+        exclusive: bool = False,
+        arguments: dict[str, Any] | None = None,
+    ) -> str:
         done = self._request()
 
         def on_message(
@@ -276,6 +282,7 @@ class AmqpSession:
             queue=queue,
             on_message_callback=on_message,
             exclusive=exclusive,
+            arguments=arguments,
             callback=_resolver(done),
         )
         await done

@@ -47,6 +47,9 @@ class Identity:
 class JobRecord:
     job_id: str
     status: str
+    # sha256 of the job message that produced the result, to tell a redelivery of
+    # that message from a new message reusing its job id.
+    message_sha256: str
     result: bytes
 
 
@@ -75,8 +78,16 @@ class StateDir:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, status TEXT NOT NULL,"
-            " result BLOB NOT NULL, finished_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+            " message_sha256 TEXT NOT NULL, result BLOB NOT NULL,"
+            " finished_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "message_sha256" not in columns:
+            # Folders from fairu 0.1.0 before this column existed: their records
+            # match no message, so a repeat of such a job is answered as a replay.
+            self._db.execute(
+                "ALTER TABLE jobs ADD COLUMN message_sha256 TEXT NOT NULL DEFAULT ''"
+            )
         self._db.commit()
 
     def close(self) -> None:
@@ -97,12 +108,13 @@ class StateDir:
 
     # --- finished jobs ----------------------------------------------------------
 
-    def record_finished(self, job_id: str, status: str, result: bytes) -> None:
+    def record_finished(self, job_id: str, status: str, message_sha256: str, result: bytes) -> None:
         with self._db_lock:
             assert self._db is not None
             self._db.execute(
-                "INSERT OR IGNORE INTO jobs (job_id, status, result) VALUES (?, ?, ?)",
-                (job_id, status, result),
+                "INSERT OR IGNORE INTO jobs (job_id, status, message_sha256, result)"
+                " VALUES (?, ?, ?, ?)",
+                (job_id, status, message_sha256, result),
             )
             self._db.commit()
 
@@ -110,9 +122,10 @@ class StateDir:
         with self._db_lock:
             assert self._db is not None
             row = self._db.execute(
-                "SELECT job_id, status, result FROM jobs WHERE job_id = ?", (job_id,)
+                "SELECT job_id, status, message_sha256, result FROM jobs WHERE job_id = ?",
+                (job_id,),
             ).fetchone()
-        return JobRecord(row[0], row[1], bytes(row[2])) if row else None
+        return JobRecord(row[0], row[1], row[2], bytes(row[3])) if row else None
 
     # --- result spool -----------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
@@ -15,7 +16,15 @@ from pydantic import BaseModel, ValidationError
 from fairu.agent.session import AmqpSession, Delivery, PublishFailed, SessionError
 from fairu.logs import configure_logging
 from fairu.protocol.errors import ConfigError, RejectedError
-from fairu.protocol.models import FinalStatus, JobResult, JobSpec, StatusEvent
+from fairu.protocol.models import (
+    Envelope,
+    FinalStatus,
+    JobResult,
+    JobSpec,
+    RootChain,
+    StatusEvent,
+    utc_now,
+)
 from fairu.protocol.signing import (
     generate_private_key,
     key_id_for,
@@ -23,25 +32,31 @@ from fairu.protocol.signing import (
     open_unverified,
     public_key_text,
     sign_model,
+    sign_payload,
     write_private_key,
 )
+from fairu.protocol.trust import sign_job
 from fairu.protocol.topology import (
     EVENTS_EXCHANGE,
     JOBS_EXCHANGE,
     RESULTS_EXCHANGE,
+    TRUST_EXCHANGE,
     job_queue_name,
     job_routing_key,
     result_routing_key,
     status_routing_key,
 )
 
-from .jobfile import load_job_file
+from .jobfile import load_job_file, parse_duration
+from .keys import KeyFolder
+from .store import Store
 from .topology import declare_job_queue, declare_topology
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_KEYS_DIR = Path("~/.config/fairu/keys")
+DEFAULT_COORDINATOR_DB = "/var/lib/fairu/coordinator.sqlite"
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -71,13 +86,48 @@ def _parser() -> argparse.ArgumentParser:
     )
     groups = parser.add_subparsers(dest="group", required=True)
 
-    keys = groups.add_parser("keys", help="job-signing keys").add_subparsers(
-        dest="action", required=True
+    keys_group = groups.add_parser("keys", help="root key, job-signing keys, revocation")
+    keys_group.add_argument(
+        "--keys-dir",
+        type=Path,
+        default=Path(os.environ.get("FAIRU_KEYS_DIR", DEFAULT_KEYS_DIR)),
+        help="the admin key folder (default: $FAIRU_KEYS_DIR or ~/.config/fairu/keys)",
     )
-    init = keys.add_parser("init", help="write a new job-signing key pair")
+    keys_group.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="environment variable holding the passphrase of the private keys",
+    )
+    keys = keys_group.add_subparsers(dest="action", required=True)
+    init = keys.add_parser("init", help="write a bare job-signing key pair (no certificate)")
     init.add_argument("--out", type=Path, default=DEFAULT_KEYS_DIR, help="folder for the key files")
     init.add_argument("--name", default="signing", help="file name stem (default signing)")
     init.set_defaults(handler=_keys_init)
+    keys.add_parser("init-root", help="make the root key pair").set_defaults(
+        handler=_keys_init_root
+    )
+    issue = keys.add_parser("issue", help="issue a job-signing key certified by the root")
+    issue.add_argument("--valid-for", default="7d", help="certificate lifetime (default 7d)")
+    issue.set_defaults(handler=_keys_issue, make_current=False)
+    rotate = keys.add_parser("rotate", help="issue a new job-signing key and use it from now on")
+    rotate.add_argument("--valid-for", default="7d", help="certificate lifetime (default 7d)")
+    rotate.set_defaults(handler=_keys_issue, make_current=True)
+    revoke = keys.add_parser("revoke", help="revoke a job-signing key on every agent")
+    revoke.add_argument("key_id", help="the key id, as `keys list` prints it")
+    revoke.set_defaults(handler=_keys_revoke)
+    rotate_root = keys.add_parser(
+        "rotate-root", help="replace the root key, signed by the current one"
+    )
+    rotate_root.add_argument(
+        "--valid-for", default="7d", help="lifetime of the new signing key (default 7d)"
+    )
+    rotate_root.set_defaults(handler=_keys_rotate_root)
+    keys.add_parser(
+        "publish", help="publish the revocation list and root chain again"
+    ).set_defaults(handler=_keys_publish)
+    keys.add_parser("list", help="list job-signing keys and their state").set_defaults(
+        handler=_keys_list
+    )
 
     topology = groups.add_parser("topology", help="exchanges and platform queues")
     topology.add_subparsers(dest="action", required=True).add_parser(
@@ -95,11 +145,18 @@ def _parser() -> argparse.ArgumentParser:
     submit = groups.add_parser("submit", help="sign and publish a job file")
     submit.add_argument("job_file", type=Path, help="job description (TOML)")
     submit.add_argument(
+        "--keys-dir",
+        type=Path,
+        default=Path(os.environ.get("FAIRU_KEYS_DIR", DEFAULT_KEYS_DIR)),
+        help="admin key folder whose current signing key and certificate sign the job "
+        "(default: $FAIRU_KEYS_DIR or ~/.config/fairu/keys)",
+    )
+    submit.add_argument(
         "--key",
         type=Path,
-        default=Path(os.environ.get("FAIRU_SIGNING_KEY", DEFAULT_KEYS_DIR / "signing.key")),
-        help="private signing key (default: $FAIRU_SIGNING_KEY or ~/.config/fairu/keys/signing.key)",
+        help="sign with this bare private key instead, without a certificate",
     )
+    submit.add_argument("--passphrase-env", metavar="VAR", help="variable holding the key passphrase")
     submit.add_argument("--job-id", help="job id to use instead of a fresh one")
     submit.add_argument("--wait", action="store_true", help="show progress and the result")
     submit.add_argument(
@@ -107,6 +164,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--json", action="store_true", help="print the result as JSON")
     submit.set_defaults(handler=_submit)
+
+    agents = groups.add_parser("agents", help="the fleet, approval and enrollment")
+    agents.add_argument(
+        "--db",
+        type=Path,
+        default=Path(os.environ.get("FAIRU_COORDINATOR_DB", DEFAULT_COORDINATOR_DB)),
+        help="the coordinator's SQLite file (default: $FAIRU_COORDINATOR_DB or "
+        f"{DEFAULT_COORDINATOR_DB})",
+    )
+    agent_actions = agents.add_subparsers(dest="action", required=True)
+    listing = agent_actions.add_parser("list", help="list registered agents")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_agents_list)
+    for action, help_text in (
+        ("approve", "record this agent's results from now on"),
+        ("revoke", "stop recording this agent's results"),
+    ):
+        command = agent_actions.add_parser(action, help=help_text)
+        command.add_argument("agent_id")
+        command.set_defaults(handler=_agents_set_approval, approval=f"{action}d")
+    enroll = agent_actions.add_parser(
+        "enroll", help="make a one-time token that approves one agent of a site"
+    )
+    enroll.add_argument("--site", required=True, help="the site the agent belongs to")
+    enroll.set_defaults(handler=_agents_enroll)
 
     results = groups.add_parser("results", help="results recorded by the coordinator")
     show = results.add_subparsers(dest="action", required=True).add_parser(
@@ -137,6 +219,116 @@ def _keys_init(args: argparse.Namespace) -> int:
     print("  [trust]")
     print(f'  signing_keys = ["{text}"]')
     return 0
+
+
+def _passphrase(variable: str | None) -> bytes | None:
+    if variable is None:
+        return None
+    value = os.environ.get(variable)
+    if not value:
+        raise ConfigError(f"environment variable {variable} is not set or empty")
+    return value.encode()
+
+
+def _key_folder(args: argparse.Namespace) -> KeyFolder:
+    return KeyFolder(args.keys_dir, _passphrase(args.passphrase_env))
+
+
+def _keys_init_root(args: argparse.Namespace) -> int:
+    folder = _key_folder(args)
+    key_id = folder.init_root()
+    public = (folder.root / "root.pub").read_text().strip()
+    print(f"root key id  {key_id}")
+    print(f"private key  {folder.root / 'root.key'} (mode 0600; keep it offline)")
+    print("site config:")
+    print("  [trust]")
+    print(f'  root_key = "{public}"')
+    return 0
+
+
+def _keys_issue(args: argparse.Namespace) -> int:
+    folder = _key_folder(args)
+    previous = folder.load_state().current_signing
+    signing = folder.issue(parse_duration(args.valid_for), args.make_current)
+    body = signing.body
+    print(f"issued {body.key_id}, valid {body.not_before:%Y-%m-%d %H:%M} to "
+          f"{body.not_after:%Y-%m-%d %H:%M} UTC")
+    if folder.load_state().current_signing == body.key_id:
+        print("new jobs are signed with it")
+        if previous and previous != body.key_id:
+            old = folder.signing_key(previous).body
+            print(f"jobs signed by {previous} stay valid until {old.not_after:%Y-%m-%d %H:%M} UTC")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    folder = _key_folder(args)
+    state = folder.load_state()
+    now = utc_now()
+    print(f"root version {state.root_version}, revocation list version {state.revocation_version}")
+    for body in folder.signing_keys():
+        if body.key_id in state.revoked:
+            status = "revoked"
+        elif body.not_after < now:
+            status = "expired"
+        elif body.key_id == state.current_signing:
+            status = "current"
+        else:
+            status = "valid"
+        print(f"{body.key_id}  {status:<8} {body.not_before:%Y-%m-%d %H:%M} to "
+              f"{body.not_after:%Y-%m-%d %H:%M} UTC")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    folder = _key_folder(args)
+    envelope = folder.revoke(args.key_id)
+    asyncio.run(_publish_trust(args.broker, [envelope]))
+    version = folder.load_state().revocation_version
+    print(f"revoked {args.key_id}; published revocation list version {version}")
+    return 0
+
+
+def _keys_rotate_root(args: argparse.Namespace) -> int:
+    folder = _key_folder(args)
+    key_id, version, chain = folder.rotate_root()
+    asyncio.run(_publish_trust(args.broker, [_chain_envelope(folder, chain)]))
+    public = (folder.root / "root.pub").read_text().strip()
+    print(f"root is now {key_id} at version {version}; published the root chain")
+    # Agents that follow the chain reject certificates of the earlier root, so the
+    # current signing key is replaced by one the new root certifies.
+    signing = folder.issue(parse_duration(args.valid_for), make_current=True)
+    print(f"issued {signing.body.key_id} under the new root; new jobs are signed with it")
+    print("agents follow the chain; new site configs may pin the new root:")
+    print(f'  root_key = "{public}"')
+    return 0
+
+
+def _keys_publish(args: argparse.Namespace) -> int:
+    folder = _key_folder(args)
+    messages = [_chain_envelope(folder, folder.chain())]
+    revocations = folder.root / "revocations.json"
+    if revocations.exists():
+        messages.append(Envelope.model_validate_json(revocations.read_text()))
+    asyncio.run(_publish_trust(args.broker, messages))
+    print(f"published {len(messages)} trust messages")
+    return 0
+
+
+def _chain_envelope(folder: KeyFolder, chain: RootChain) -> Envelope:
+    # Each link is verified on its own; the wrapper is signed only for uniformity.
+    return sign_payload(chain.model_dump_json().encode(), folder.root_key())
+
+
+async def _publish_trust(url: str, messages: list[Envelope]) -> None:
+    session = await _with_session(url, "fairu-admin keys")
+    try:
+        for envelope in messages:
+            await session.publish(
+                TRUST_EXCHANGE, "", envelope.model_dump_json(exclude_none=True).encode()
+            )
+    finally:
+        await session.close()
 
 
 # --- topology and queues ---------------------------------------------------------
@@ -190,16 +382,82 @@ def _check_name(kind: str, value: str) -> None:
         ) from None
 
 
+# --- agents ----------------------------------------------------------------------
+
+
+def _open_store(path: Path) -> Store:
+    if not path.exists():
+        raise ConfigError(
+            f"coordinator database {path} not found; pass the file given to "
+            "fairu-coordinator --db"
+        )
+    return Store(path)
+
+
+def _agents_list(args: argparse.Namespace) -> int:
+    store = _open_store(args.db)
+    try:
+        agents = store.agents()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(agents, indent=2))
+        return 0
+    header = ("SITE", "AGENT", "APPROVAL", "STATE", "SLOTS FREE", "CORES", "MEMORY", "GPUS",
+              "RUNNING", "LAST SEEN")
+    rows = [header]
+    for agent in agents:
+        rows.append((
+            str(agent["site"]),
+            str(agent["agent_id"]),
+            str(agent["approval"]),
+            str(agent["state"]),
+            f"{agent['free_slots']}/{agent['slots']}",
+            str(agent["cpu_cores"]),
+            f"{int(agent['memory_bytes']) / 2**30:.1f} GiB",
+            str(len(agent["gpus"])),  # type: ignore[arg-type]
+            str(len(agent["running_jobs"])),  # type: ignore[arg-type]
+            str(agent["last_seen"])[:19],
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)))
+    return 0
+
+
+def _agents_set_approval(args: argparse.Namespace) -> int:
+    store = _open_store(args.db)
+    try:
+        changed = store.set_approval(args.agent_id, args.approval)
+    finally:
+        store.close()
+    if not changed:
+        raise ConfigError(
+            f"no agent {args.agent_id} has registered; `fairu-admin agents list` shows them"
+        )
+    print(f"agent {args.agent_id} {args.approval}")
+    return 0
+
+
+def _agents_enroll(args: argparse.Namespace) -> int:
+    _check_name("site", args.site)
+    store = _open_store(args.db)
+    try:
+        token = store.add_enrollment_token(args.site)
+    finally:
+        store.close()
+    print(f"one-time enrollment token for an agent of site {args.site}:")
+    print(f"  {token}")
+    print("put it in the site config as agent.enrollment_token, or in the file named by")
+    print("agent.enrollment_token_file; it approves the first agent that registers with it.")
+    return 0
+
+
 # --- results ---------------------------------------------------------------------
 
 
 def _results_show(args: argparse.Namespace) -> int:
-    from .store import Store
-
-    if not args.db.exists():
-        raise ConfigError(f"coordinator database {args.db} not found; pass the file given to "
-                          "fairu-coordinator --db")
-    store = Store(args.db)
+    store = _open_store(args.db)
     try:
         stored = store.result(args.job_id)
         repeats = store.audit_count(args.job_id)
@@ -223,13 +481,25 @@ def _results_show(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace) -> int:
     job = load_job_file(args.job_file, args.job_id)
-    key = load_private_key(args.key.expanduser())
+    passphrase = _passphrase(args.passphrase_env)
+    if args.key is not None:
+        body = sign_model(job, load_private_key(args.key.expanduser(), passphrase))
+    else:
+        signing = KeyFolder(args.keys_dir, passphrase).current_signing_key()
+        if signing.body.not_after < utc_now():
+            raise ConfigError(
+                f"the current signing key {signing.body.key_id} expired at "
+                f"{signing.body.not_after.isoformat()}; issue a new one with "
+                "`fairu-admin keys rotate`"
+            )
+        envelope = sign_job(job.model_dump_json().encode(), signing.key, signing.certificate)
+        body = envelope.model_dump_json(exclude_none=True).encode()
     timeout = args.timeout or job.resources.walltime_s + 600
-    return asyncio.run(_submit_job(args.broker, job, key, args.wait, timeout, args.json))
+    return asyncio.run(_submit_job(args.broker, job, body, args.wait, timeout, args.json))
 
 
 async def _submit_job(
-    url: str, job: JobSpec, key: object, wait: bool, timeout: float, as_json: bool
+    url: str, job: JobSpec, body: bytes, wait: bool, timeout: float, as_json: bool
 ) -> int:
     session = await _with_session(url, "fairu-admin submit")
     try:
@@ -240,7 +510,6 @@ async def _submit_job(
             await session.bind(queue, EVENTS_EXCHANGE, status_routing_key(job.job_id))
             await session.bind(queue, RESULTS_EXCHANGE, result_routing_key(job.job_id))
             await session.consume(queue, messages.put_nowait)
-        body = sign_model(job, key)  # type: ignore[arg-type]
         try:
             await session.publish(
                 JOBS_EXCHANGE,

@@ -33,7 +33,7 @@ from fairu.protocol.signing import (
     parse_payload,
     verify_envelope,
 )
-from fairu.protocol.topology import COORDINATOR_EVENTS_QUEUE, COORDINATOR_RESULTS_QUEUE
+from fairu.protocol.topology import COORDINATOR_HEARTBEATS_QUEUE, COORDINATOR_RECORDS_QUEUE
 
 from .store import Store
 from .topology import declare_topology
@@ -80,8 +80,8 @@ class Coordinator:
         try:
             await declare_topology(session)
             await session.set_prefetch(PREFETCH)
-            await session.consume(COORDINATOR_EVENTS_QUEUE, lambda d: self._spawn(session, d))
-            await session.consume(COORDINATOR_RESULTS_QUEUE, lambda d: self._spawn(session, d))
+            for queue in (COORDINATOR_RECORDS_QUEUE, COORDINATOR_HEARTBEATS_QUEUE):
+                await session.consume(queue, lambda d: self._spawn(session, d))
             logger.info("coordinator serving")
             assert session.closed is not None
             stop = asyncio.create_task(self.stopping.wait())
@@ -115,10 +115,7 @@ class Coordinator:
 
     async def _handle(self, session: AmqpSession, delivery: Delivery) -> None:
         try:
-            if delivery.queue == COORDINATOR_RESULTS_QUEUE:
-                await self.handle_result(delivery.body)
-            else:
-                await self.handle_event(delivery.body)
+            await self.handle_message(delivery.body)
         except RejectedError as exc:
             logger.warning(
                 "dropped a message from %s (routing key %s): %s",
@@ -135,26 +132,31 @@ class Coordinator:
 
     # --- agent events -----------------------------------------------------------
 
-    async def handle_event(self, body: bytes) -> None:
+    async def handle_message(self, body: bytes) -> None:
         envelope = decode_envelope(body)
         kind = _peek_kind(envelope.payload)
         if kind == "registration":
             await self._register(envelope)
         elif kind == "heartbeat":
-            key = await self._agent_key(envelope.key_id)
-            payload = verify_envelope(envelope, {envelope.key_id: key})
-            beat = parse_payload(payload, Heartbeat)
-            _check_sender(envelope.key_id, beat.agent_id)
-            await asyncio.to_thread(
-                self.store.update_heartbeat,
-                beat.agent_id,
-                beat.state.value,
-                beat.free_slots,
-                list(beat.running_jobs),
-                beat.at.isoformat(),
-            )
+            await self._heartbeat(envelope)
+        elif kind == "result":
+            await self._record_result(envelope, body)
         else:
-            raise RejectedError(ErrorCode.BAD_PAYLOAD, f"unexpected agent event kind {kind!r}")
+            raise RejectedError(ErrorCode.BAD_PAYLOAD, f"unexpected message kind {kind!r}")
+
+    async def _heartbeat(self, envelope: Envelope) -> None:
+        key = await self._agent_key(envelope.key_id)
+        payload = verify_envelope(envelope, {envelope.key_id: key})
+        beat = parse_payload(payload, Heartbeat)
+        _check_sender(envelope.key_id, beat.agent_id)
+        await asyncio.to_thread(
+            self.store.update_heartbeat,
+            beat.agent_id,
+            beat.state.value,
+            beat.free_slots,
+            list(beat.running_jobs),
+            beat.at.isoformat(),
+        )
 
     async def _register(self, envelope: Envelope) -> None:
         # A registration is self-signed: it proves possession of the key it carries.
@@ -174,23 +176,45 @@ class Coordinator:
                 ErrorCode.BAD_SIGNATURE,
                 f"agent {registration.agent_id} registered with a different key",
             )
-        fields = registration.model_dump(mode="json", exclude={"protocol", "kind"})
+        fields = registration.model_dump(
+            mode="json", exclude={"protocol", "kind", "enrollment_token"}
+        )
         await asyncio.to_thread(self.store.upsert_registration, fields)
+        if registration.enrollment_token:
+            enrolled = await asyncio.to_thread(
+                self.store.redeem_enrollment_token,
+                registration.enrollment_token,
+                registration.site,
+                registration.agent_id,
+            )
+            if enrolled:
+                logger.info("agent %s enrolled with a one-time token", registration.agent_id)
+        approval = await asyncio.to_thread(self.store.approval, registration.agent_id)
         logger.info(
-            "agent %s of site %s registered (%d cores, %d GPUs)",
+            "agent %s of site %s registered (%d cores, %d GPUs, %s)",
             registration.agent_id, registration.site, registration.cpu_cores,
-            len(registration.gpus),
+            len(registration.gpus), approval,
         )
 
     # --- results ----------------------------------------------------------------
 
-    async def handle_result(self, body: bytes) -> None:
-        envelope = decode_envelope(body)
+    async def _record_result(self, envelope: Envelope, body: bytes) -> None:
         key = await self._agent_key(envelope.key_id)
         payload = verify_envelope(envelope, {envelope.key_id: key})
         result = parse_payload(payload, JobResult)
         _check_sender(envelope.key_id, result.agent_id)
         status = result.status.value
+        approval = await asyncio.to_thread(self.store.approval, result.agent_id)
+        if approval != "approved":
+            await asyncio.to_thread(
+                self.store.audit_result, result.job_id, result.agent_id, status,
+                f"agent is {approval}, not approved", body,
+            )
+            logger.warning(
+                "result of job %s from %s agent %s kept apart, not recorded",
+                result.job_id, approval, result.agent_id,
+            )
+            return
         if not result.authenticated:
             await asyncio.to_thread(
                 self.store.audit_result, result.job_id, result.agent_id, status,

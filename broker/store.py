@@ -7,7 +7,9 @@ rate (a row per heartbeat and per result).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -28,7 +30,16 @@ CREATE TABLE IF NOT EXISTS agents (
     free_slots INTEGER NOT NULL,
     running_jobs TEXT NOT NULL,
     registered_at TEXT NOT NULL,
-    last_seen TEXT NOT NULL
+    last_seen TEXT NOT NULL,
+    -- pending until an admin approves the agent or it enrolls with a token;
+    -- only results of approved agents are recorded.
+    approval TEXT NOT NULL DEFAULT 'pending'
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    used_by TEXT
 );
 CREATE TABLE IF NOT EXISTS results (
     job_id TEXT PRIMARY KEY,
@@ -130,6 +141,49 @@ class Store:
             agents.append(agent)
         return agents
 
+    def approval(self, agent_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT approval FROM agents WHERE agent_id = ?", (agent_id,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def set_approval(self, agent_id: str, approval: str) -> bool:
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE agents SET approval = ? WHERE agent_id = ?", (approval, agent_id)
+            )
+            self._db.commit()
+        return cursor.rowcount == 1
+
+    def add_enrollment_token(self, site: str) -> str:
+        """Make a one-time token for one agent of `site`; only its hash is stored."""
+        token = secrets.token_urlsafe(24)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO enrollment_tokens (token_sha256, site) VALUES (?, ?)",
+                (_token_hash(token), site),
+            )
+            self._db.commit()
+        return token
+
+    def redeem_enrollment_token(self, token: str, site: str, agent_id: str) -> bool:
+        """Approve `agent_id` when `token` is unused and was made for its site."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE enrollment_tokens SET used_by = ? WHERE token_sha256 = ?"
+                " AND site = ? AND used_by IS NULL",
+                (agent_id, _token_hash(token), site),
+            )
+            if cursor.rowcount == 1:
+                self._db.execute(
+                    "UPDATE agents SET approval = 'approved' WHERE agent_id = ?"
+                    " AND approval = 'pending'",
+                    (agent_id,),
+                )
+            self._db.commit()
+        return cursor.rowcount == 1
+
     # --- results ----------------------------------------------------------------
 
     def record_result(
@@ -162,6 +216,13 @@ class Store:
             )
             self._db.commit()
 
+    def audit_reasons(self, job_id: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT reason FROM result_audit WHERE job_id = ? ORDER BY id", (job_id,)
+            ).fetchall()
+        return [row[0] for row in rows]
+
     def result(self, job_id: str) -> StoredResult | None:
         with self._lock:
             row = self._db.execute(
@@ -179,3 +240,7 @@ class Store:
                 "SELECT COUNT(*) FROM result_audit WHERE job_id = ?", (job_id,)
             ).fetchone()
         return int(row[0])
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

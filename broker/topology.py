@@ -15,14 +15,23 @@ async def declare_topology(session: AmqpSession) -> None:
     await session.declare_exchange(names.EVENTS_EXCHANGE, "topic")
     await session.declare_exchange(names.RESULTS_EXCHANGE, "topic")
     await session.declare_exchange(names.DEAD_LETTER_EXCHANGE, "fanout")
+    await session.declare_exchange(names.TRUST_EXCHANGE, "fanout")
+    await session.declare_queue(
+        names.TRUST_STREAM,
+        arguments={"x-queue-type": "stream", "x-max-age": "400D"},
+    )
+    await session.bind(names.TRUST_STREAM, names.TRUST_EXCHANGE, "")
     quorum = {"x-queue-type": "quorum"}
     await session.declare_queue(names.DEAD_LETTER_QUEUE, arguments=quorum)
     await session.bind(names.DEAD_LETTER_QUEUE, names.DEAD_LETTER_EXCHANGE, "")
     # Results and agent events wait in durable queues until the coordinator reads them.
-    await session.declare_queue(names.COORDINATOR_RESULTS_QUEUE, arguments=quorum)
-    await session.bind(names.COORDINATOR_RESULTS_QUEUE, names.RESULTS_EXCHANGE, "result.#")
-    await session.declare_queue(names.COORDINATOR_EVENTS_QUEUE, arguments=quorum)
-    await session.bind(names.COORDINATOR_EVENTS_QUEUE, names.EVENTS_EXCHANGE, "agent.#")
+    records = names.COORDINATOR_RECORDS_QUEUE
+    await session.declare_queue(records, arguments=quorum)
+    await session.bind(records, names.RESULTS_EXCHANGE, "result.#")
+    await session.bind(records, names.EVENTS_EXCHANGE, "agent.registration.#")
+    heartbeats = names.COORDINATOR_HEARTBEATS_QUEUE
+    await session.declare_queue(heartbeats, arguments=quorum)
+    await session.bind(heartbeats, names.EVENTS_EXCHANGE, "agent.heartbeat.#")
     logger.info("declared the fairu exchanges and platform queues")
 
 

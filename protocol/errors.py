@@ -20,13 +20,20 @@ class ErrorCode(StrEnum):
     MESSAGE_TOO_LARGE = "message_too_large"
     BAD_ENVELOPE = "bad_envelope"
     UNKNOWN_KEY = "unknown_key"
+    BAD_CERTIFICATE = "bad_certificate"
+    CERTIFICATE_EXPIRED = "certificate_expired"
+    KEY_REVOKED = "key_revoked"
     BAD_SIGNATURE = "bad_signature"
     # The payload.
     BAD_PAYLOAD = "bad_payload"
     UNSUPPORTED_VERSION = "unsupported_version"
     EXPIRED = "expired"
+    REPLAYED = "replayed"
     AUDIENCE_MISMATCH = "audience_mismatch"
-    POLICY_VIOLATION = "policy_violation"
+    # Site policy: each kind of violation has its own code.
+    COMPETITION_NOT_ALLOWED = "competition_not_allowed"
+    IMAGE_NOT_ALLOWED = "image_not_allowed"
+    RESOURCES_EXCEED_POLICY = "resources_exceed_policy"
     # Inputs.
     INPUT_FETCH_FAILED = "input_fetch_failed"
     INPUT_DIGEST_MISMATCH = "input_digest_mismatch"

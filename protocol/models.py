@@ -38,10 +38,56 @@ class Model(BaseModel):
 
 
 class Certificate(Model):
-    """A signing key's certificate: `body` is the exact bytes the issuer signed."""
+    """A signing key's certificate: `body` is the exact bytes of a `CertificateBody`
+    as the root key signed them."""
 
     body: Annotated[Base64Text, StringConstraints(max_length=4096)]
     signature: Annotated[Base64Text, StringConstraints(max_length=128)]
+
+
+class CertificateBody(Model):
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["key_certificate"] = "key_certificate"
+    key_id: Identifier
+    public_key: Annotated[Base64Text, StringConstraints(max_length=64)]
+    not_before: AwareDatetime
+    not_after: AwareDatetime
+    # The key id of the root key that issued the certificate.
+    issuer: Identifier
+
+
+class RevocationList(Model):
+    """Revoked job-signing key ids, signed by the root key; a higher version wins."""
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["revocation_list"] = "revocation_list"
+    version: Annotated[int, Field(ge=1)]
+    revoked: Annotated[list[Identifier], Field(max_length=100_000)]
+    issued_at: AwareDatetime
+    issuer: Identifier
+
+
+class RootRotation(Model):
+    """One link of the root chain: the root of `version - 1` names its successor."""
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["root_rotation"] = "root_rotation"
+    version: Annotated[int, Field(ge=2)]
+    new_root_key: Annotated[Base64Text, StringConstraints(max_length=64)]
+    issued_at: AwareDatetime
+    issuer: Identifier
+
+
+class RootChain(Model):
+    """Every rotation since the first root, each an envelope signed by the root it replaces.
+
+    An agent walks the links from the root it holds; a link that its current root
+    did not sign breaks the chain and nothing after it is accepted.
+    """
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["root_chain"] = "root_chain"
+    links: Annotated[list[Envelope], Field(max_length=1000)]
 
 
 class Envelope(Model):
@@ -205,6 +251,8 @@ class Registration(Model):
     slots: Annotated[int, Field(ge=0)]
     running_jobs: Annotated[list[Identifier], Field(max_length=1024)] = []
     free_slots: Annotated[int, Field(ge=0)]
+    # A one-time token from `fairu-admin agents enroll`; it approves the agent once.
+    enrollment_token: Annotated[str, StringConstraints(max_length=128)] | None = None
     at: AwareDatetime
 
 

@@ -10,9 +10,15 @@ JOBS_EXCHANGE = "fairu.jobs"  # direct; routing key "<competition>.<queue>"
 EVENTS_EXCHANGE = "fairu.events"  # topic; status, registration and heartbeat
 RESULTS_EXCHANGE = "fairu.results"  # topic; routing key "result.<job_id>"
 DEAD_LETTER_EXCHANGE = "fairu.dlx"  # fanout
+# Revocation lists and root chains: a fanout exchange into a stream, so every agent
+# reads the whole history from the start, including what it missed while offline.
+TRUST_EXCHANGE = "fairu.trust"
+TRUST_STREAM = "fairu.trust.log"
 DEAD_LETTER_QUEUE = "fairu.dead"
-COORDINATOR_RESULTS_QUEUE = "fairu.coordinator.results"
-COORDINATOR_EVENTS_QUEUE = "fairu.coordinator.events"
+# Registrations and results share one queue, so the coordinator sees an agent's
+# registration before that agent's results; heartbeats have a queue of their own.
+COORDINATOR_RECORDS_QUEUE = "fairu.coordinator.records"
+COORDINATOR_HEARTBEATS_QUEUE = "fairu.coordinator.heartbeats"
 
 # A message that has been delivered this many times without an ack goes to the
 # dead-letter exchange instead of looping between agents.

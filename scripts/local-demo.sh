@@ -17,10 +17,16 @@ mkdir -p "$logs"
 echo "== building the example challenge bundles"
 "$bin/python" "$example/build_bundles.py" --out "$example/dist" >/dev/null
 
-if [ ! -f "$keys/signing.key" ]; then
-    echo "== making a job-signing key in $keys"
-    "$bin/fairu-admin" keys init --out "$keys" >/dev/null
+export FAIRU_KEYS_DIR=$keys
+if [ ! -f "$keys/root.key" ]; then
+    echo "== making the root key and a job-signing key in $keys"
+    "$bin/fairu-admin" keys init-root >/dev/null
+    "$bin/fairu-admin" keys issue --valid-for 30d
 fi
+if ! "$bin/fairu-admin" keys list | grep -q " current "; then
+    "$bin/fairu-admin" keys rotate --valid-for 30d
+fi
+"$bin/fairu-admin" topology declare
 "$bin/fairu-admin" queues create cpu --competition higgsml-demo
 
 pids=()
@@ -34,8 +40,18 @@ echo "== starting the artifact server (log: $logs/artifacts.log)"
 "$bin/fairu-artifacts" --root "$example/dist" --port 8470 >"$logs/artifacts.log" 2>&1 &
 pids+=($!)
 echo "== starting the coordinator (log: $logs/coordinator.log)"
-"$bin/fairu-coordinator" --db /var/lib/fairu/coordinator.sqlite >"$logs/coordinator.log" 2>&1 &
+"$bin/fairu-coordinator" --db /var/lib/fairu/coordinator.sqlite \
+    >"$logs/coordinator.log" 2>&1 &
 pids+=($!)
+# The demo approves its own agent with a one-time enrollment token.
+coordinator_db=/var/lib/fairu/coordinator.sqlite
+for _ in $(seq 1 50); do [ -f "$coordinator_db" ] && break; sleep 0.2; done
+token_file=/var/lib/fairu/local-enrollment.token
+if [ ! -s "$token_file" ]; then
+    "$bin/fairu-admin" agents --db "$coordinator_db" enroll --site local \
+        | sed -n 2p | tr -d ' ' >"$token_file"
+    chmod 600 "$token_file"
+fi
 echo "== starting fairu-agent (log: $logs/agent.log)"
 "$bin/fairu-agent" start --config configs/sites/local.toml >"$logs/agent.log" 2>&1 &
 pids+=($!)
@@ -51,7 +67,7 @@ done
 
 echo "== submitting the sample submission"
 job_id="demo-$(date +%Y%m%d-%H%M%S)"
-"$bin/fairu-admin" submit "$example/job.toml" --key "$keys/signing.key" --job-id "$job_id" --wait
+"$bin/fairu-admin" submit "$example/job.toml" --job-id "$job_id" --wait
 
 echo "== recorded by the coordinator"
 for _ in $(seq 1 50); do

@@ -240,8 +240,15 @@ def start_agent(
     agents: list[AgentProcess] = []
 
     def start(
-        competition: Competition, *, runner: str = "podman", slots: int = 1, extra: str = ""
+        competition: Competition,
+        *,
+        runner: str = "podman",
+        slots: int = 1,
+        trust: str | None = None,
+        agent_extra: str = "",
+        extra: str = "",
     ) -> AgentProcess:
+        """Start an agent; `trust` replaces the [trust] body, `extra` adds sections."""
         folder = work_root / f"agent-{uuid.uuid4().hex[:8]}"
         folder.mkdir()
         folder.chmod(0o755)
@@ -253,12 +260,13 @@ name = "test"
 [broker]
 url = "{broker_url}"
 [trust]
-signing_keys = ["{signing_key.public_text}"]
+{trust if trust is not None else f'signing_keys = ["{signing_key.public_text}"]'}
 [agent]
 state_dir = "state"
 slots = {slots}
 heartbeat_interval_s = 2
 stop_grace_s = 10
+{agent_extra}
 [[queues]]
 competition = "{competition.name}"
 name = "{competition.queue}"

@@ -40,7 +40,8 @@ async def wait_for(predicate, timeout_s: float = 30.0):
 async def test_result_recorded_once(
     coordinator, competition, start_agent, signing_key, publish, results, make_job, amqp
 ):
-    start_agent(competition, runner="null")
+    token = await asyncio.to_thread(coordinator.store.add_enrollment_token, "test")
+    start_agent(competition, runner="null", agent_extra=f'enrollment_token = "{token}"')
     job = make_job(competition)
     await publish(competition, signing_key.sign(job))
     result = await results.wait(job.job_id)
@@ -53,6 +54,7 @@ async def test_result_recorded_once(
     agents = {a["agent_id"]: a for a in coordinator.store.agents()}
     assert result.agent_id in agents
     assert agents[result.agent_id]["site"] == "test"
+    assert agents[result.agent_id]["approval"] == "approved"
 
     # The same job published again is answered from the agent's record and the
     # coordinator keeps the first result, auditing the repeat.
@@ -71,3 +73,54 @@ async def test_result_from_unregistered_agent_ignored(coordinator, amqp, caplog)
     await amqp.publish(RESULTS_EXCHANGE, result_routing_key(forged.job_id), body)
     await wait_for(lambda: "evil-000000000000, which never registered" in caplog.text)
     assert coordinator.store.result(forged.job_id) is None
+
+
+async def test_unapproved_agent_results_kept_apart(
+    coordinator, competition, start_agent, signing_key, publish, results, make_job, caplog
+):
+    start_agent(competition, runner="null")
+    job = make_job(competition)
+    await publish(competition, signing_key.sign(job))
+    result = await results.wait(job.job_id)
+
+    await wait_for(lambda: coordinator.store.audit_count(job.job_id) == 1)
+    assert coordinator.store.result(job.job_id) is None
+    assert coordinator.store.audit_reasons(job.job_id) == ["agent is pending, not approved"]
+
+    assert coordinator.store.set_approval(result.agent_id, "approved")
+    second = make_job(competition)
+    await publish(competition, signing_key.sign(second))
+    await results.wait(second.job_id)
+    assert (await wait_for(lambda: coordinator.store.result(second.job_id))).status == "succeeded"
+
+    assert coordinator.store.set_approval(result.agent_id, "revoked")
+    third = make_job(competition)
+    await publish(competition, signing_key.sign(third))
+    await results.wait(third.job_id)
+    await wait_for(lambda: coordinator.store.audit_count(third.job_id) == 1)
+    assert coordinator.store.result(third.job_id) is None
+    assert coordinator.store.audit_reasons(third.job_id) == ["agent is revoked, not approved"]
+
+
+async def test_enrollment_token_works_once(coordinator, competition, start_agent):
+    token = await asyncio.to_thread(coordinator.store.add_enrollment_token, "test")
+    start_agent(competition, runner="null", agent_extra=f'enrollment_token = "{token}"')
+    start_agent(competition, runner="null", agent_extra=f'enrollment_token = "{token}"')
+
+    def approvals():
+        agents = coordinator.store.agents()
+        return sorted(a["approval"] for a in agents if a["queues"] == [competition.amqp_queue]) if len(
+            [a for a in agents if a["queues"] == [competition.amqp_queue]]) == 2 else None
+
+    assert await wait_for(approvals) == ["approved", "pending"]
+
+
+async def test_token_for_other_site_rejected(coordinator, competition, start_agent):
+    token = await asyncio.to_thread(coordinator.store.add_enrollment_token, "elsewhere")
+    start_agent(competition, runner="null", agent_extra=f'enrollment_token = "{token}"')
+
+    def approval():
+        agents = [a for a in coordinator.store.agents() if a["queues"] == [competition.amqp_queue]]
+        return agents[0]["approval"] if agents else None
+
+    assert await wait_for(approval) == "pending"

@@ -122,3 +122,23 @@ def _key_id(signing_key) -> str:
     from fairu.protocol.signing import key_id_for
 
     return key_id_for(signing_key.private.public_key())
+
+
+async def test_fault_outside_pipeline_still_gives_result(
+    competition, start_agent, signing_key, publish, results, make_job
+):
+    import sqlite3
+
+    agent = start_agent(competition, runner="null")
+    database = agent.config_path.parent / "state" / "jobs.sqlite"
+    with sqlite3.connect(database) as connection:
+        connection.execute("DROP TABLE jobs")
+
+    job = make_job(competition)
+    await publish(competition, signing_key.sign(job))
+    result = await results.wait(job.job_id)
+
+    assert result.status is FinalStatus.FAILED
+    assert result.error is not None
+    assert result.error.code == "internal_error"
+    assert "no such table" in result.error.message
