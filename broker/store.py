@@ -80,7 +80,16 @@ class Store:
         self._db = sqlite3.connect(path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
         self._db.commit()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database made by an earlier fairu 0.1.0 build up to SCHEMA."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(agents)")}
+        if "approval" not in columns:
+            self._db.execute(
+                "ALTER TABLE agents ADD COLUMN approval TEXT NOT NULL DEFAULT 'pending'"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -169,7 +178,8 @@ class Store:
 
     def redeem_enrollment_token(self, token: str, site: str, agent_id: str) -> bool:
         """Approve `agent_id` when `token` is unused and was made for its site."""
-        with self._lock:
+        # One transaction, so a token is never spent without approving its agent.
+        with self._lock, self._db:
             cursor = self._db.execute(
                 "UPDATE enrollment_tokens SET used_by = ? WHERE token_sha256 = ?"
                 " AND site = ? AND used_by IS NULL",
@@ -181,7 +191,6 @@ class Store:
                     " AND approval = 'pending'",
                     (agent_id,),
                 )
-            self._db.commit()
         return cursor.rowcount == 1
 
     # --- results ----------------------------------------------------------------

@@ -65,16 +65,33 @@ for _ in $(seq 1 100); do
     sleep 0.2
 done
 
+agent_id=$(sed -n 's/.*agent \([^ ]*\) registered.*/\1/p' "$logs/agent.log" | head -n 1)
+for _ in $(seq 1 50); do
+    "$bin/fairu-admin" agents --db "$coordinator_db" list | grep -q "^local  $agent_id " && break
+    sleep 0.2
+done
+if ! "$bin/fairu-admin" agents --db "$coordinator_db" list | grep -q "$agent_id  approved"; then
+    # An agent whose state folder outlived its token: approve it by hand instead.
+    "$bin/fairu-admin" agents --db "$coordinator_db" approve "$agent_id"
+fi
+
 echo "== submitting the sample submission"
 job_id="demo-$(date +%Y%m%d-%H%M%S)"
 "$bin/fairu-admin" submit "$example/job.toml" --job-id "$job_id" --wait
 
 echo "== recorded by the coordinator"
+recorded=no
 for _ in $(seq 1 50); do
-    "$bin/fairu-admin" results show "$job_id" --db /var/lib/fairu/coordinator.sqlite \
-        2>/dev/null && break
+    if "$bin/fairu-admin" results show "$job_id" --db "$coordinator_db" 2>/dev/null; then
+        recorded=yes
+        break
+    fi
     sleep 0.2
 done
+if [ "$recorded" != yes ]; then
+    echo "the coordinator recorded no result for $job_id; see $logs/coordinator.log" >&2
+    exit 1
+fi
 
 echo "== the same predictions scored directly on this host"
 "$bin/python" - "$example" <<'PY'
