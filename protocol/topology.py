@@ -13,6 +13,9 @@ DEAD_LETTER_EXCHANGE = "fairu.dlx"  # fanout
 DEAD_LETTER_QUEUE = "fairu.dead"
 COORDINATOR_RESULTS_QUEUE = "fairu.coordinator.results"
 COORDINATOR_EVENTS_QUEUE = "fairu.coordinator.events"
+# A stream queue of trust changes, such as revoked signing keys. No agent reads it
+# yet, but site credentials already include read access to it.
+TRUST_LOG_QUEUE = "fairu.trust.log"
 
 # A message that has been delivered this many times without an ack goes to the
 # dead-letter exchange instead of looping between agents.
