@@ -36,6 +36,7 @@ from fairu.protocol.topology import (
 )
 
 from .jobfile import load_job_file
+from .sites import add_site_commands
 from .topology import declare_job_queue, declare_topology
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -91,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("name", help="queue name, e.g. cpu")
     create.add_argument("--competition", required=True, help="competition name")
     create.set_defaults(handler=_queues_create)
+    add_site_commands(groups, queues)
 
     submit = groups.add_parser("submit", help="sign and publish a job file")
     submit.add_argument("job_file", type=Path, help="job description (TOML)")
