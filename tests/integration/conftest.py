@@ -236,11 +236,20 @@ class AgentProcess:
 def start_agent(
     work_root: Path, broker_url: str, signing_key: SigningKey, podman_socket: str
 ) -> Iterator[Any]:
-    """Return a function that starts an agent serving one competition's queue."""
+    """Return a function that starts an agent serving one competition's queue.
+
+    `broker_url` replaces the test broker URL, for example with a site's credentials.
+    """
     agents: list[AgentProcess] = []
+    default_broker_url = broker_url
 
     def start(
-        competition: Competition, *, runner: str = "podman", slots: int = 1, extra: str = ""
+        competition: Competition,
+        *,
+        runner: str = "podman",
+        slots: int = 1,
+        extra: str = "",
+        broker_url: str | None = None,
     ) -> AgentProcess:
         folder = work_root / f"agent-{uuid.uuid4().hex[:8]}"
         folder.mkdir()
@@ -251,7 +260,7 @@ def start_agent(
 [site]
 name = "test"
 [broker]
-url = "{broker_url}"
+url = "{broker_url or default_broker_url}"
 [trust]
 signing_keys = ["{signing_key.public_text}"]
 [agent]
