@@ -49,6 +49,7 @@ from fairu.protocol.topology import (
 
 from .jobfile import load_job_file, parse_duration
 from .keys import KeyFolder
+from .sites import add_site_commands
 from .store import Store
 from .topology import declare_job_queue, declare_topology
 
@@ -141,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("name", help="queue name, e.g. cpu")
     create.add_argument("--competition", required=True, help="competition name")
     create.set_defaults(handler=_queues_create)
+    add_site_commands(groups, queues)
 
     submit = groups.add_parser("submit", help="sign and publish a job file")
     submit.add_argument("job_file", type=Path, help="job description (TOML)")

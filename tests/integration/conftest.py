@@ -236,8 +236,12 @@ class AgentProcess:
 def start_agent(
     work_root: Path, broker_url: str, signing_key: SigningKey, podman_socket: str
 ) -> Iterator[Any]:
-    """Return a function that starts an agent serving one competition's queue."""
+    """Return a function that starts an agent serving one competition's queue.
+
+    `broker_url` replaces the test broker URL, for example with a site's credentials.
+    """
     agents: list[AgentProcess] = []
+    default_broker_url = broker_url
 
     def start(
         competition: Competition,
@@ -247,6 +251,7 @@ def start_agent(
         trust: str | None = None,
         agent_extra: str = "",
         extra: str = "",
+        broker_url: str | None = None,
     ) -> AgentProcess:
         """Start an agent; `trust` replaces the [trust] body, `extra` adds sections."""
         folder = work_root / f"agent-{uuid.uuid4().hex[:8]}"
@@ -258,7 +263,7 @@ def start_agent(
 [site]
 name = "test"
 [broker]
-url = "{broker_url}"
+url = "{broker_url or default_broker_url}"
 [trust]
 {trust if trust is not None else f'signing_keys = ["{signing_key.public_text}"]'}
 [agent]
