@@ -1,4 +1,4 @@
-"""What the agent trusts, kept in the state folder so it survives restarts.
+"""The agent's trust state, kept in the state folder so it survives restarts.
 
     trust/root.json         the current root: pinned key, version and key
     trust/revocations.json  the newest revocation list accepted, as its signed envelope

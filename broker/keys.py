@@ -79,8 +79,8 @@ class KeyFolder:
         path = self.root / "root.key"
         if not path.exists():
             raise ConfigError(
-                f"no root key at {path}; make one with `fairu-admin keys init-root --out "
-                f"{self.root}`"
+                f"no root key at {path}; make one with `fairu-admin keys --keys-dir "
+                f"{self.root} init-root`"
             )
         return load_private_key(path, self.passphrase)
 

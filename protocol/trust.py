@@ -1,9 +1,10 @@
 """The chain of trust: a root key, certificates for job-signing keys, revocation lists
 and root rotations. Pure functions over keys and models; no I/O.
 
-A job envelope is accepted when, in this order: its certificate verifies against the
-current root; the certificate is valid at receipt within the clock-skew allowance;
-its key is not revoked; and the envelope's signature verifies with the certified key.
+A job envelope is accepted after four checks, in this order. Its certificate verifies
+against the current root. The certificate is valid at receipt, within the clock-skew
+allowance. Its key is not revoked. The envelope's signature verifies with the
+certified key.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .signing import (
 
 @dataclass(frozen=True)
 class TrustView:
-    """What an agent trusts at one moment."""
+    """The root, revocations and bare keys an agent trusts at one moment."""
 
     root_key: Ed25519PublicKey | None
     revoked: frozenset[str] = frozenset()

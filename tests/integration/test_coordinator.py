@@ -104,8 +104,8 @@ async def test_unapproved_agent_results_kept_apart(
 
 async def test_enrollment_token_works_once(coordinator, competition, start_agent):
     token = await asyncio.to_thread(coordinator.store.add_enrollment_token, "test")
-    start_agent(competition, runner="null", agent_extra=f'enrollment_token = "{token}"')
-    start_agent(competition, runner="null", agent_extra=f'enrollment_token = "{token}"')
+    first = start_agent(competition, runner="null", agent_extra=f'enrollment_token = "{token}"')
+    second = start_agent(competition, runner="null", agent_extra=f'enrollment_token = "{token}"')
 
     def approvals():
         agents = coordinator.store.agents()
@@ -113,6 +113,8 @@ async def test_enrollment_token_works_once(coordinator, competition, start_agent
             [a for a in agents if a["queues"] == [competition.amqp_queue]]) == 2 else None
 
     assert await wait_for(approvals) == ["approved", "pending"]
+    for agent in (first, second):
+        assert token not in agent.log()
 
 
 async def test_token_for_other_site_rejected(coordinator, competition, start_agent):
