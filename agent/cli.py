@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from fairu.logs import configure_logging
@@ -25,7 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
     )
+    drain = commands.add_parser(
+        "drain",
+        help="stop a running agent gracefully: no new jobs, running ones may finish",
+    )
+    drain.add_argument("--config", type=Path, required=True, help="the agent's site config")
+    drain.add_argument(
+        "--wait", type=float, default=0, help="seconds to wait for the agent to exit (default 0)"
+    )
     args = parser.parse_args(argv)
+    if args.command == "drain":
+        return _drain(args.config, args.wait)
     configure_logging(args.log_level)
 
     try:
@@ -39,6 +52,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fairu-agent: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _drain(config_path: Path, wait_s: float) -> int:
+    """Send SIGTERM to the agent of this config; it drains as on any SIGTERM."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"fairu-agent: error: {exc}", file=sys.stderr)
+        return 2
+    pid_file = config.agent.state_dir / "agent.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        print(f"fairu-agent: no agent is running for {config_path} ({pid_file} not found)",
+              file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        print(f"fairu-agent: agent process {pid} from {pid_file} is not running", file=sys.stderr)
+        return 1
+    print(f"asked agent process {pid} to drain: no new jobs; running jobs get "
+          f"{config.agent.stop_grace_s:.0f} s to finish")
+    if wait_s <= 0:
+        return 0
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if not pid_file.exists():
+            print("agent stopped")
+            return 0
+        time.sleep(0.2)
+    print(f"fairu-agent: agent process {pid} is still draining after {wait_s:.0f} s",
+          file=sys.stderr)
+    return 3
 
 
 async def _start(agent: Agent) -> None:

@@ -24,6 +24,7 @@ from fairu import __version__
 from fairu.protocol.errors import ErrorCode, RejectedError
 from fairu.protocol.models import (
     AgentState,
+    CancelRequest,
     Envelope,
     Heartbeat,
     JobSpec,
@@ -33,6 +34,7 @@ from fairu.protocol.models import (
     utc_now,
 )
 from fairu.protocol.signing import decode_envelope, parse_payload, public_key_text, sign_model
+from fairu.protocol.trust import verify_job_envelope
 from fairu.protocol.topology import (
     EVENTS_EXCHANGE,
     RESULTS_EXCHANGE,
@@ -58,6 +60,9 @@ RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 30.0
 # A session that stayed up this long resets the backoff to its minimum.
 STABLE_SESSION_S = 60.0
+# How long an agent waits, when it connects, to replay the trust stream before it
+# takes jobs anyway.
+TRUST_REPLAY_TIMEOUT_S = 15.0
 
 
 class AgentError(Exception):
@@ -70,6 +75,8 @@ class RunningJob:
     session: AmqpSession
     delivery: Delivery
     task: asyncio.Task[None] | None = None
+    # Set by a cancel request; the task is then cancelled and ends the job as cancelled.
+    cancel_reason: str | None = None
 
 
 @dataclass
@@ -94,6 +101,11 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pipeline: JobPipeline | None = None
         self.trust: TrustStore | None = None
+        # Job ids that a cancel request named, with its reason.
+        self.cancelled: dict[str, str] = {}
+        self._trust_seen = 0
+        self._trust_backlog = 0
+        self._trust_caught_up = asyncio.Event()
 
     @property
     def agent_id(self) -> str:
@@ -124,6 +136,7 @@ class Agent:
 
     async def run(self) -> None:
         await asyncio.to_thread(self.state.prepare)
+        await asyncio.to_thread(self.state.write_pid)
         self.identity = await asyncio.to_thread(
             self.state.load_identity, self.config.site.name
         )
@@ -212,8 +225,20 @@ class Agent:
             stop.cancel()
             if session.closed.done():
                 raise SessionError(session.closed.result())
+        except SessionError as exc:
+            if session.access_refused:
+                raise SessionError(
+                    f"{exc}; the broker refused an operation to these credentials, so "
+                    "check that the site's queues in the config are the ones assigned "
+                    "to it (`fairu-admin sites list`)",
+                    permanent=True,
+                ) from None
+            raise
         finally:
-            self.connected.clear()
+            # A stop leaves the session open so running jobs can still publish their
+            # results while the agent drains; _shutdown closes it.
+            if not session.is_open:
+                self.connected.clear()
 
     async def _subscribe(self, session: AmqpSession) -> None:
         for queue in self.config.queues:
@@ -224,8 +249,8 @@ class Agent:
                     f"{queue.competition}` or fix [[queues]] in the site config",
                     permanent=True,
                 )
-        watch_trust = self.trust is not None and self.trust.view().root_key is not None
-        if watch_trust and not await session.queue_exists(TRUST_STREAM):
+        trust_backlog = await session.queue_message_count(TRUST_STREAM)
+        if trust_backlog is None:
             raise SessionError(
                 f"the trust stream {TRUST_STREAM} does not exist on the broker; declare the "
                 "topology with `fairu-admin topology declare`",
@@ -234,13 +259,28 @@ class Agent:
         await session.set_prefetch(self.config.agent.slots)
         self.session = session
         self.connected.set()
+        assert session.closed is not None
+        session.closed.add_done_callback(lambda _f: self.connected.clear())
         await self._flush_spool(session)
         await self._publish_registration(session)
-        if watch_trust:
-            # Read the whole history: versions only go up, so replaying it is harmless
-            # and catches up on what was published while this agent was offline.
-            await session.consume(
-                TRUST_STREAM, self._on_trust_message, arguments={"x-stream-offset": "first"}
+        # Read the whole history: versions only go up and cancellations are final, so
+        # replaying it is harmless and catches up on what this agent missed offline.
+        # Jobs are consumed only after the replay, so a revoked key or a cancelled job
+        # published while this agent was offline is known before any job arrives.
+        self._trust_seen = 0
+        self._trust_backlog = trust_backlog
+        self._trust_caught_up = asyncio.Event()
+        if trust_backlog == 0:
+            self._trust_caught_up.set()
+        await session.consume(
+            TRUST_STREAM, self._on_trust_message, arguments={"x-stream-offset": "first"}
+        )
+        try:
+            await asyncio.wait_for(self._trust_caught_up.wait(), TRUST_REPLAY_TIMEOUT_S)
+        except TimeoutError:
+            logger.warning(
+                "agent %s read %d of %d trust messages within %.0f s; serving anyway",
+                self.agent_id, self._trust_seen, trust_backlog, TRUST_REPLAY_TIMEOUT_S,
             )
         self.agent_state = AgentState.SERVING
         for queue in self.config.queues:
@@ -275,6 +315,7 @@ class Agent:
             await session.close()
         await self.runner.close()
         await asyncio.to_thread(self.state.close)
+        await asyncio.to_thread(self.state.remove_pid)
 
     async def _drain(self) -> None:
         jobs = [job.task for job in self.running.values() if job.task is not None]
@@ -374,10 +415,23 @@ class Agent:
             self._settle_outcome(session, delivery, outcome)
             return
 
+        if job.job_id in self.cancelled:
+            outcome = await pipeline.cancel(job, delivery, self.cancelled[job.job_id])
+            self._settle_outcome(session, delivery, outcome)
+            return
+
         running = RunningJob(job, session, delivery, asyncio.current_task())  # type: ignore[arg-type]
         self.running[job.job_id] = running
         try:
             outcome = await pipeline.execute(job, delivery)
+        except asyncio.CancelledError:
+            if running.cancel_reason is None:
+                raise
+            # A cancel request, not a stop: the container is gone, so report it.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            outcome = await pipeline.cancel(job, delivery, running.cancel_reason)
         finally:
             self.running.pop(job.job_id, None)
         self._settle_outcome(running.session, running.delivery, outcome)
@@ -385,24 +439,50 @@ class Agent:
     def _on_trust_message(self, delivery: Delivery) -> None:
         session = self.session
         task = asyncio.create_task(self._apply_trust(delivery))
-        if session is not None:
-            task.add_done_callback(lambda _t: session.ack(delivery.delivery_tag))
+        task.add_done_callback(lambda _t: self._trust_applied(session, delivery))
         self._track(task)
+
+    def _trust_applied(self, session: AmqpSession | None, delivery: Delivery) -> None:
+        if session is not None:
+            session.ack(delivery.delivery_tag)
+        self._trust_seen += 1
+        if self._trust_seen >= self._trust_backlog:
+            self._trust_caught_up.set()
 
     async def _apply_trust(self, delivery: Delivery) -> None:
         assert self.trust is not None
         try:
             envelope = decode_envelope(delivery.body)
             kind = _payload_kind(envelope)
+            if kind in ("revocation_list", "root_chain") and self.trust.view().root_key is None:
+                return  # This site trusts bare keys only; root messages do not apply.
             if kind == "revocation_list":
                 await asyncio.to_thread(self.trust.apply_revocations, envelope)
             elif kind == "root_chain":
                 chain = parse_payload(_payload_bytes(envelope), RootChain)
                 await asyncio.to_thread(self.trust.apply_chain, chain)
+            elif kind == "cancel":
+                try:
+                    payload = verify_job_envelope(envelope, self.trust.view())
+                except RejectedError as exc:
+                    # Usually a cancel request of a platform this site does not serve.
+                    logger.info("agent %s ignored a cancel request: %s", self.agent_id, exc)
+                    return
+                self._apply_cancel(parse_payload(payload, CancelRequest))
             else:
                 logger.warning("agent %s ignored a trust message of kind %r", self.agent_id, kind)
         except RejectedError as exc:
             logger.error("agent %s rejected a trust message: %s", self.agent_id, exc)
+
+    def _apply_cancel(self, request: CancelRequest) -> None:
+        reason = request.reason or "cancelled by the platform"
+        self.cancelled[request.job_id] = reason
+        running = self.running.get(request.job_id)
+        if running is not None and running.task is not None and running.cancel_reason is None:
+            logger.warning("agent %s cancelling running job %s: %s", self.agent_id,
+                           request.job_id, reason)
+            running.cancel_reason = reason
+            running.task.cancel()
 
     def _settle_outcome(self, session: AmqpSession, delivery: Delivery, outcome: Outcome) -> None:
         self._settle(session, delivery, requeue=False, dead_letter=outcome.dead_letter)
@@ -472,7 +552,7 @@ class Agent:
         """Return the open session, or None once the agent gives up publishing."""
         while not self._abandon_publishing.is_set():
             session = self.session
-            if self.connected.is_set() and session is not None and session.is_open:
+            if session is not None and session.is_open:
                 return session
             abandon = asyncio.create_task(self._abandon_publishing.wait())
             connected = asyncio.create_task(self.connected.wait())

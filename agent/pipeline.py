@@ -151,6 +151,18 @@ class JobPipeline:
         await self._finish(result, None)
         return Outcome(job_id, FinalStatus.FAILED, dead_letter=True)
 
+    async def cancel(self, job: JobSpec, delivery: Delivery, reason: str) -> Outcome:
+        """End a job that a cancel request named, before or while it ran."""
+        logger.info("job %s cancelled: %s", job.job_id, reason)
+        result = self._result(
+            job.job_id,
+            job,
+            FinalStatus.CANCELLED,
+            error=ErrorInfo(code=ErrorCode.CANCELLED, message=reason),
+        )
+        await self._finish(result, message_digest(delivery.body))
+        return Outcome(job.job_id, FinalStatus.CANCELLED, dead_letter=False)
+
     async def replay(self, job_id: str, result: bytes) -> Outcome:
         """Answer a redelivered, already finished job from its record."""
         logger.info("job %s already finished here; publishing its recorded result", job_id)

@@ -89,6 +89,9 @@ class AmqpSession:
         self._confirms: dict[int, asyncio.Future[None]] = {}
         self._returned: set[str] = set()
         self._tags = itertools.count(1)
+        # Set when the broker closed the channel with ACCESS_REFUSED (403), which no
+        # reconnect can fix: the credentials lack a permission.
+        self.access_refused = False
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -153,6 +156,8 @@ class AmqpSession:
         self._fail_all(f"connection closed: {reason}")
 
     def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == 403:
+            self.access_refused = True
         self._fail_all(f"channel closed: {reason}")
         if self._connection is not None and self._connection.is_open:
             self._connection.close()
@@ -226,28 +231,34 @@ class AmqpSession:
         await done
 
     async def queue_exists(self, name: str) -> bool:
-        """Check for a queue on a throwaway channel, since a failed check closes it."""
+        return await self.queue_message_count(name) is not None
+
+    async def queue_message_count(self, name: str) -> int | None:
+        """Return a queue's message count, or None when it does not exist.
+
+        The check runs on a throwaway channel, since a failed passive declare closes it.
+        """
         assert self._connection is not None and self._loop is not None
         loop = self._loop
         opened: asyncio.Future[Channel] = loop.create_future()
         self._connection.channel(on_open_callback=opened.set_result)
         probe = await asyncio.wait_for(opened, 10)
-        answer: asyncio.Future[bool] = loop.create_future()
+        answer: asyncio.Future[int | None] = loop.create_future()
 
         def on_close(_channel: Channel, _reason: Exception) -> None:
             if not answer.done():
-                answer.set_result(False)
+                answer.set_result(None)
 
-        def on_ok(_frame: Any) -> None:
+        def on_ok(frame: Any) -> None:
             if not answer.done():
-                answer.set_result(True)
+                answer.set_result(int(frame.method.message_count))
 
         probe.add_on_close_callback(on_close)
         probe.queue_declare(queue=name, passive=True, callback=on_ok)
-        exists = await asyncio.wait_for(answer, 10)
+        count = await asyncio.wait_for(answer, 10)
         if probe.is_open:
             probe.close()
-        return exists
+        return count
 
     async def set_prefetch(self, count: int) -> None:
         done = self._request()

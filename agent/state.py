@@ -95,6 +95,22 @@ class StateDir:
             self._db.close()
             self._db = None
 
+    # --- process id ---------------------------------------------------------------
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "agent.pid"
+
+    def write_pid(self) -> None:
+        self.pid_file.write_text(f"{os.getpid()}\n")
+
+    def remove_pid(self) -> None:
+        try:
+            if self.pid_file.read_text().strip() == str(os.getpid()):
+                self.pid_file.unlink()
+        except FileNotFoundError:
+            pass
+
     # --- identity ---------------------------------------------------------------
 
     def load_identity(self, site: str) -> Identity:

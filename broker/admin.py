@@ -17,6 +17,7 @@ from fairu.agent.session import AmqpSession, Delivery, PublishFailed, SessionErr
 from fairu.logs import configure_logging
 from fairu.protocol.errors import ConfigError, RejectedError
 from fairu.protocol.models import (
+    CancelRequest,
     Envelope,
     FinalStatus,
     JobResult,
@@ -146,19 +147,7 @@ def _parser() -> argparse.ArgumentParser:
 
     submit = groups.add_parser("submit", help="sign and publish a job file")
     submit.add_argument("job_file", type=Path, help="job description (TOML)")
-    submit.add_argument(
-        "--keys-dir",
-        type=Path,
-        default=Path(os.environ.get("FAIRU_KEYS_DIR", DEFAULT_KEYS_DIR)),
-        help="admin key folder whose current signing key and certificate sign the job "
-        "(default: $FAIRU_KEYS_DIR or ~/.config/fairu/keys)",
-    )
-    submit.add_argument(
-        "--key",
-        type=Path,
-        help="sign with this bare private key instead, without a certificate",
-    )
-    submit.add_argument("--passphrase-env", metavar="VAR", help="variable holding the key passphrase")
+    _add_signer_options(submit)
     submit.add_argument("--job-id", help="job id to use instead of a fresh one")
     submit.add_argument("--wait", action="store_true", help="show progress and the result")
     submit.add_argument(
@@ -166,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--json", action="store_true", help="print the result as JSON")
     submit.set_defaults(handler=_submit)
+
+    cancel = groups.add_parser("cancel", help="end a job wherever it is")
+    cancel.add_argument("job_id")
+    cancel.add_argument("--reason", default="cancelled by an organizer", help="shown in the result")
+    _add_signer_options(cancel)
+    cancel.set_defaults(handler=_cancel)
 
     agents = groups.add_parser("agents", help="the fleet, approval and enrollment")
     agents.add_argument(
@@ -481,21 +476,55 @@ def _results_show(args: argparse.Namespace) -> int:
 # --- submit ----------------------------------------------------------------------
 
 
-def _submit(args: argparse.Namespace) -> int:
-    job = load_job_file(args.job_file, args.job_id)
+def _sign_as_platform(args: argparse.Namespace, model: BaseModel) -> bytes:
+    """Sign a job or cancel request with --key, or the key folder's current key."""
     passphrase = _passphrase(args.passphrase_env)
     if args.key is not None:
-        body = sign_model(job, load_private_key(args.key.expanduser(), passphrase))
-    else:
-        signing = KeyFolder(args.keys_dir, passphrase).current_signing_key()
-        if signing.body.not_after < utc_now():
-            raise ConfigError(
-                f"the current signing key {signing.body.key_id} expired at "
-                f"{signing.body.not_after.isoformat()}; issue a new one with "
-                "`fairu-admin keys rotate`"
-            )
-        envelope = sign_job(job.model_dump_json().encode(), signing.key, signing.certificate)
-        body = envelope.model_dump_json(exclude_none=True).encode()
+        return sign_model(model, load_private_key(args.key.expanduser(), passphrase))
+    signing = KeyFolder(args.keys_dir, passphrase).current_signing_key()
+    if signing.body.not_after < utc_now():
+        raise ConfigError(
+            f"the current signing key {signing.body.key_id} expired at "
+            f"{signing.body.not_after.isoformat()}; issue a new one with "
+            "`fairu-admin keys rotate`"
+        )
+    envelope = sign_job(model.model_dump_json().encode(), signing.key, signing.certificate)
+    return envelope.model_dump_json(exclude_none=True).encode()
+
+
+def _add_signer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keys-dir",
+        type=Path,
+        default=Path(os.environ.get("FAIRU_KEYS_DIR", DEFAULT_KEYS_DIR)),
+        help="admin key folder whose current signing key and certificate sign the message "
+        "(default: $FAIRU_KEYS_DIR or ~/.config/fairu/keys)",
+    )
+    parser.add_argument(
+        "--key", type=Path, help="sign with this bare private key instead, without a certificate"
+    )
+    parser.add_argument("--passphrase-env", metavar="VAR", help="variable holding the key passphrase")
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    request = CancelRequest(job_id=args.job_id, reason=args.reason, at=utc_now())
+    body = _sign_as_platform(args, request)
+
+    async def run() -> None:
+        session = await _with_session(args.broker, "fairu-admin cancel")
+        try:
+            await session.publish(TRUST_EXCHANGE, "", body)
+        finally:
+            await session.close()
+
+    asyncio.run(run())
+    print(f"published a cancel request for job {args.job_id}")
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    job = load_job_file(args.job_file, args.job_id)
+    body = _sign_as_platform(args, job)
     timeout = args.timeout or job.resources.walltime_s + 600
     return asyncio.run(_submit_job(args.broker, job, body, args.wait, timeout, args.json))
 

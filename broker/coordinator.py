@@ -33,7 +33,13 @@ from fairu.protocol.signing import (
     parse_payload,
     verify_envelope,
 )
-from fairu.protocol.topology import COORDINATOR_HEARTBEATS_QUEUE, COORDINATOR_RECORDS_QUEUE
+from fairu.agent.pipeline import claimed_job_id
+from fairu.protocol.topology import (
+    COORDINATOR_DEAD_QUEUE,
+    COORDINATOR_HEARTBEATS_QUEUE,
+    COORDINATOR_RECORDS_QUEUE,
+    DELIVERY_LIMIT,
+)
 
 from .store import Store
 from .topology import declare_topology
@@ -80,7 +86,11 @@ class Coordinator:
         try:
             await declare_topology(session)
             await session.set_prefetch(PREFETCH)
-            for queue in (COORDINATOR_RECORDS_QUEUE, COORDINATOR_HEARTBEATS_QUEUE):
+            for queue in (
+                COORDINATOR_RECORDS_QUEUE,
+                COORDINATOR_HEARTBEATS_QUEUE,
+                COORDINATOR_DEAD_QUEUE,
+            ):
                 await session.consume(queue, lambda d: self._spawn(session, d))
             logger.info("coordinator serving")
             assert session.closed is not None
@@ -115,7 +125,10 @@ class Coordinator:
 
     async def _handle(self, session: AmqpSession, delivery: Delivery) -> None:
         try:
-            await self.handle_message(delivery.body)
+            if delivery.queue == COORDINATOR_DEAD_QUEUE:
+                await self.handle_dead_letter(delivery)
+            else:
+                await self.handle_message(delivery.body)
         except RejectedError as exc:
             logger.warning(
                 "dropped a message from %s (routing key %s): %s",
@@ -131,6 +144,27 @@ class Coordinator:
         session.ack(delivery.delivery_tag)
 
     # --- agent events -----------------------------------------------------------
+
+    async def handle_dead_letter(self, delivery: Delivery) -> None:
+        """Give a job that hit the delivery limit its failed result.
+
+        Messages that an agent rejected were dead-lettered after their result was
+        published, so only the delivery limit needs a result here.
+        """
+        reason = _death_reason(delivery)
+        if reason != "delivery_limit":
+            return
+        job_id = claimed_job_id(delivery.body)
+        message = (
+            f"the job message was delivered {DELIVERY_LIMIT} times without a result "
+            "(each agent that took it crashed or lost its connection) and went to the "
+            "dead-letter queue"
+        )
+        recorded = await asyncio.to_thread(
+            self.store.record_failure, job_id, ErrorCode.DELIVERY_LIMIT.value, message
+        )
+        if recorded:
+            logger.warning("job %s failed: %s", job_id, message)
 
     async def handle_message(self, body: bytes) -> None:
         envelope = decode_envelope(body)
@@ -256,6 +290,14 @@ class _Worker:
     session: AmqpSession
     inbox: asyncio.Queue[Delivery]
     task: asyncio.Task[None] | None = None
+
+
+def _death_reason(delivery: Delivery) -> str | None:
+    deaths = (delivery.properties.headers or {}).get("x-death") or []
+    if not deaths or not isinstance(deaths[0], dict):
+        return None
+    reason = deaths[0].get("reason")
+    return reason.decode() if isinstance(reason, bytes) else reason
 
 
 def _peek_kind(payload_b64: str) -> object:

@@ -214,6 +214,17 @@ class Store:
             self._db.commit()
         return cursor.rowcount == 1
 
+    def record_failure(self, job_id: str, code: str, message: str) -> bool:
+        """Record a failed final result that the platform itself decided on."""
+        scores = json.dumps({})
+        with self._lock, self._db:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO results (job_id, agent_id, site, status, scores, body)"
+                " VALUES (?, 'coordinator', 'platform', 'failed', ?, ?)",
+                (job_id, scores, json.dumps({"code": code, "message": message}).encode()),
+            )
+        return cursor.rowcount == 1
+
     def audit_result(
         self, job_id: str, agent_id: str, status: str, reason: str, body: bytes
     ) -> None:

@@ -46,6 +46,9 @@ class ErrorCode(StrEnum):
     # Outputs.
     MISSING_SCORES = "missing_scores"
     BAD_SCORES = "bad_scores"
+    # The platform ended the job.
+    CANCELLED = "cancelled"
+    DELIVERY_LIMIT = "delivery_limit"
     # Anything else: a bug in fairu, reported instead of losing the job.
     INTERNAL_ERROR = "internal_error"
 

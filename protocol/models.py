@@ -149,6 +149,16 @@ class JobSpec(Model):
     expires_at: AwareDatetime
 
 
+class CancelRequest(Model):
+    """Ends a job wherever it is; signed like a job, with a certified signing key."""
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["cancel"] = "cancel"
+    job_id: Identifier
+    reason: Annotated[str, StringConstraints(max_length=1024)] = ""
+    at: AwareDatetime
+
+
 # --- Events and results ----------------------------------------------------------
 
 

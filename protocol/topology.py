@@ -15,6 +15,9 @@ DEAD_LETTER_EXCHANGE = "fairu.dlx"  # fanout
 TRUST_EXCHANGE = "fairu.trust"
 TRUST_STREAM = "fairu.trust.log"
 DEAD_LETTER_QUEUE = "fairu.dead"
+# A second queue on the dead-letter exchange, read by the coordinator, so that
+# fairu.dead keeps every dead letter for operators.
+COORDINATOR_DEAD_QUEUE = "fairu.coordinator.dead"
 # Registrations and results share one queue, so the coordinator sees an agent's
 # registration before that agent's results; heartbeats have a queue of their own.
 COORDINATOR_RECORDS_QUEUE = "fairu.coordinator.records"

@@ -248,6 +248,7 @@ def start_agent(
         *,
         runner: str = "podman",
         slots: int = 1,
+        stop_grace_s: float = 10,
         trust: str | None = None,
         agent_extra: str = "",
         extra: str = "",
@@ -270,7 +271,7 @@ url = "{broker_url or default_broker_url}"
 state_dir = "state"
 slots = {slots}
 heartbeat_interval_s = 2
-stop_grace_s = 10
+stop_grace_s = {stop_grace_s}
 {agent_extra}
 [[queues]]
 competition = "{competition.name}"
@@ -314,3 +315,18 @@ class ArtifactServer:
 
     def url(self, name: str) -> str:
         return f"{self.base_url}/{name}"
+
+
+@pytest.fixture
+async def coordinator(broker_url: str, tmp_path: Path) -> AsyncIterator[Any]:
+    """A coordinator serving in this test's event loop, with its own SQLite file."""
+    from fairu.broker.coordinator import Coordinator
+    from fairu.broker.store import Store
+
+    store = Store(tmp_path / "coordinator.sqlite")
+    service = Coordinator(broker_url, store)
+    task = asyncio.create_task(service.run())
+    yield service
+    service.stopping.set()
+    await asyncio.wait_for(task, 30)
+    store.close()
