@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fairu.files import write_atomic
 from fairu.protocol.errors import ConfigError
 from fairu.protocol.signing import (
     agent_id_for,
@@ -148,18 +149,8 @@ class StateDir:
     def spool_write(self, name: str, routing_key: str, body: bytes) -> Path:
         """Write a message crash-safely (write, fsync, rename) before it is published."""
         path = self.spool / _spool_name(name)
-        temporary = path.with_suffix(".tmp")
         record = base64.b64encode(routing_key.encode()) + b"\n" + body
-        with open(temporary, "wb") as handle:
-            handle.write(record)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        directory = os.open(self.spool, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomic(path, record, mode=0o600)
         return path
 
     def spooled(self) -> list[tuple[Path, str, bytes]]:

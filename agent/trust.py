@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fairu.files import write_atomic
 from fairu.protocol.errors import ErrorCode, RejectedError
 from fairu.protocol.models import Envelope, RevocationList, RootChain
 from fairu.protocol.signing import (
@@ -169,10 +169,4 @@ class TrustStore:
             return None
 
     def _write_json(self, name: str, data: dict) -> None:
-        path = self.folder / name
-        temporary = path.with_suffix(".tmp")
-        with open(temporary, "w") as handle:
-            json.dump(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        write_atomic(self.folder / name, json.dumps(data).encode(), mode=0o600)

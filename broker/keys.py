@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fairu.files import write_atomic
 from fairu.protocol.errors import ConfigError
 from fairu.protocol.models import Certificate, CertificateBody, Envelope, RootChain, utc_now
 from fairu.protocol.signing import (
@@ -194,10 +195,8 @@ class KeyFolder:
             raise ConfigError(f"cannot read {self.root / name}: {exc}") from None
 
     def _write(self, name: str, data: dict) -> None:
-        path = self.root / name
-        temporary = path.with_suffix(path.suffix + ".tmp")
-        temporary.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-        os.replace(temporary, path)
+        text = json.dumps(data, indent=2, default=_json_default) + "\n"
+        write_atomic(self.root / name, text.encode(), mode=0o600)
 
 
 def _json_default(value: object) -> str:
