@@ -226,6 +226,8 @@ class Agent:
             if session.closed.done():
                 raise SessionError(session.closed.result())
         except SessionError as exc:
+            if session.is_open:
+                await session.close()
             if session.access_refused:
                 raise SessionError(
                     f"{exc}; the broker refused an operation to these credentials, so "
