@@ -17,6 +17,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import aiohttp
 
@@ -99,6 +100,9 @@ class Agent:
         self._stop = _Stop()
         self._abandon_publishing = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Spool files that a publish_result call is still publishing. The spool flush
+        # after a reconnect skips them, so that no result goes out twice.
+        self._publishing: set[Path] = set()
         self._pipeline: JobPipeline | None = None
         self.trust: TrustStore | None = None
         # Job ids that a cancel request named, with its reason.
@@ -530,6 +534,9 @@ class Agent:
     async def publish_result(self, job_id: str, body: bytes) -> None:
         routing_key = result_routing_key(job_id)
         path = await asyncio.to_thread(self.state.spool_write, job_id, routing_key, body)
+        # Only a stop cancels this coroutine, and no flush follows a stop, so a path
+        # left in the set then does no harm.
+        self._publishing.add(path)
         attempt = 0
         while True:
             session = await self._wait_connected()
@@ -537,6 +544,7 @@ class Agent:
                 logger.warning(
                     "result of job %s stays spooled at %s until the next start", job_id, path
                 )
+                self._publishing.discard(path)
                 return
             attempt += 1
             try:
@@ -549,6 +557,7 @@ class Agent:
                 )
                 await asyncio.sleep(min(5.0, 0.5 * attempt))
         await asyncio.to_thread(path.unlink, True)
+        self._publishing.discard(path)
 
     async def _wait_connected(self) -> AmqpSession | None:
         """Return the open session, or None once the agent gives up publishing."""
@@ -566,6 +575,8 @@ class Agent:
     async def _flush_spool(self, session: AmqpSession) -> None:
         entries = await asyncio.to_thread(self.state.spooled)
         for path, routing_key, body in entries:
+            if path in self._publishing:
+                continue
             await session.publish(RESULTS_EXCHANGE, routing_key, body)
             await asyncio.to_thread(path.unlink, True)
             logger.info("agent %s published spooled result %s", self.agent_id, routing_key)

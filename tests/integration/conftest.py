@@ -7,6 +7,8 @@ nothing is skipped, so CI cannot pass on a machine that lacks them.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import logging
 import os
 import shutil
 import signal
@@ -25,9 +27,12 @@ from aiohttp import web
 
 from fairu.agent.session import AmqpSession, Delivery, SessionError
 from fairu.broker.topology import declare_job_queue, declare_topology
+from fairu.protocol.errors import RejectedError
 from fairu.protocol.models import JobResult, JobSpec, utc_now
 from fairu.protocol.signing import (
+    agent_id_for,
     generate_private_key,
+    load_private_key,
     open_unverified,
     public_key_text,
     sign_model,
@@ -131,7 +136,11 @@ class ResultWatcher:
 
     def _on_delivery(self, delivery: Delivery) -> None:
         self.session.ack(delivery.delivery_tag)
-        result = open_unverified(delivery.body, JobResult)
+        try:
+            result = open_unverified(delivery.body, JobResult)
+        except RejectedError:
+            # Another checkout's agents share this broker and may speak a newer model.
+            return
         self.results.setdefault(result.job_id, []).append(result)
         self.arrived.set()
 
@@ -202,6 +211,8 @@ class AgentProcess:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60.0) -> None:
+        """Start the agent and wait until it serves. A restart appends to the log."""
+        offset = len(self.log())
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "fairu.agent.cli", "start", "--config",
@@ -210,7 +221,7 @@ class AgentProcess:
                 stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout_s
-        while "serving" not in self.log():
+        while "serving" not in self.log()[offset:]:
             if self.process.poll() is not None:
                 raise AssertionError(f"agent exited with {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
@@ -219,6 +230,22 @@ class AgentProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config_path.parent / "state"
+
+    @property
+    def agent_id(self) -> str:
+        """The id the agent derives from its identity key and the site name "test"."""
+        key = load_private_key(self.state_dir / "identity.key")
+        return agent_id_for("test", key.public_key())
+
+    def kill(self) -> None:
+        """Kill the agent with SIGKILL, as a crash would, and reap it."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(30)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
         if self.process is None or self.process.poll() is not None:
@@ -317,16 +344,131 @@ class ArtifactServer:
         return f"{self.base_url}/{name}"
 
 
-@pytest.fixture
-async def coordinator(broker_url: str, tmp_path: Path) -> AsyncIterator[Any]:
-    """A coordinator serving in this test's event loop, with its own SQLite file."""
+async def _serve_coordinator(url: str, database: Path) -> AsyncIterator[Any]:
     from fairu.broker.coordinator import Coordinator
     from fairu.broker.store import Store
 
-    store = Store(tmp_path / "coordinator.sqlite")
-    service = Coordinator(broker_url, store)
+    store = Store(database)
+    service = Coordinator(url, store)
     task = asyncio.create_task(service.run())
     yield service
     service.stopping.set()
-    await asyncio.wait_for(task, 30)
+    await asyncio.wait_for(task, 60)
     store.close()
+
+
+@pytest.fixture
+async def coordinator(broker_url: str, tmp_path: Path) -> AsyncIterator[Any]:
+    """A coordinator serving in this test's event loop, with its own SQLite file."""
+    async for service in _serve_coordinator(broker_url, tmp_path / "coordinator.sqlite"):
+        yield service
+
+
+# --- a private broker node, for tests that stop, restart or reconfigure the broker ---
+
+
+def _load_broker_node() -> Any:
+    # With --import-mode=importlib, test folders are not on sys.path, so the helper
+    # module is loaded from its file; bench/ loads it the same way.
+    path = Path(__file__).with_name("broker_node.py")
+    spec = importlib.util.spec_from_file_location("fairu_tests_broker_node", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+broker_node = _load_broker_node()
+
+
+@pytest.fixture
+async def private_broker(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """A private RabbitMQ node with the fairu topology, stopped and deleted afterwards.
+
+    The node is a `broker_node.BrokerNode`: `url`, `stop()`, `start()`, `restart()`,
+    `close_connections(name_substring)`, `queue_counts(queue)`. Its methods block, so
+    async tests call them through `asyncio.to_thread`. Parametrize the fixture
+    indirectly with a list of rabbitmq.conf lines to configure the node, for example
+    `["consumer_timeout = 5000"]`.
+    """
+    config = list(getattr(request, "param", []))
+    # pika logs every refused reconnect of an in-process client as an error with a
+    # traceback, which would bury the report of a failing test.
+    pika_logger = logging.getLogger("pika")
+    pika_level = pika_logger.level
+    pika_logger.setLevel(logging.CRITICAL)
+    node = broker_node.BrokerNode(config=config)
+    try:
+        await asyncio.to_thread(node.start)
+        session = AmqpSession(node.url, name="fairu-tests topology")
+        await session.open()
+        await declare_topology(session)
+        await session.close()
+        yield node
+    finally:
+        await asyncio.to_thread(node.destroy)
+        pika_logger.setLevel(pika_level)
+
+
+@pytest.fixture
+async def private_competition(private_broker: Any) -> Competition:
+    """A competition with one job queue on the private node."""
+    made = Competition(name=f"t-{uuid.uuid4().hex[:8]}", queue="cpu")
+    session = AmqpSession(private_broker.url, name="fairu-tests declare")
+    await session.open()
+    await declare_job_queue(session, made.name, made.queue)
+    await session.close()
+    return made
+
+
+@pytest.fixture
+def private_publish(private_broker: Any) -> Any:
+    """Return a coroutine function that publishes a job to the private node.
+
+    Each call opens its own session, so publishing works again after a restart.
+    """
+
+    async def publish_body(competition: Competition, body: bytes) -> None:
+        session = AmqpSession(private_broker.url, name="fairu-tests publisher")
+        await session.open()
+        try:
+            await session.publish(
+                JOBS_EXCHANGE,
+                job_routing_key(competition.name, competition.queue),
+                body,
+                mandatory=True,
+            )
+        finally:
+            await session.close()
+
+    return publish_body
+
+
+@pytest.fixture
+async def private_coordinator(
+    private_broker: Any, tmp_path: Path
+) -> AsyncIterator[Any]:
+    """A coordinator on the private node, run in this event loop with its own store."""
+    async for service in _serve_coordinator(private_broker.url, tmp_path / "coordinator.sqlite"):
+        yield service
+
+
+@pytest.fixture
+def start_private_agent(
+    private_broker: Any, private_coordinator: Any, start_agent: Any
+) -> Any:
+    """Return a function that starts an agent on the private node, approved by the
+    private coordinator through a fresh enrollment token."""
+
+    def start(competition: Competition, **options: Any) -> AgentProcess:
+        token = private_coordinator.store.add_enrollment_token("test")
+        extra = options.pop("agent_extra", "")
+        return start_agent(
+            competition,
+            broker_url=private_broker.url,
+            agent_extra=f'enrollment_token = "{token}"\n{extra}',
+            **options,
+        )
+
+    return start

@@ -56,6 +56,17 @@ def test_bad_credentials_exit(tmp_path, signing_key, podman_socket):
     assert result.returncode == 1
     assert "rejected the credentials" in result.stderr
     assert "wrong-password" not in result.stderr + result.stdout
+    assert "reconnect attempt" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_vhost_exits(tmp_path, signing_key, podman_socket):
+    url = "amqp://guest:guest@127.0.0.1:5672/fairu-no-such-vhost"
+    result = run_agent(write_config(tmp_path, signing_key, url, "cpu", podman_socket))
+    assert result.returncode == 1
+    assert "the virtual host does not exist" in result.stderr
+    assert "reconnect attempt" not in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_unreachable_podman_exits(tmp_path, signing_key, broker_url):
