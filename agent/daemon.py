@@ -393,6 +393,15 @@ class Agent:
             return
 
         running = self.running.get(job.job_id)
+        if running is not None and running.session is session and session.is_open:
+            # A second copy of the job message, such as a publisher's retry after a
+            # lost confirm. The first delivery stays unacked until the job ends, so
+            # the copy is acked now instead of holding a prefetch slot forever.
+            logger.info(
+                "job %s delivered again while running; acking the copy", job.job_id
+            )
+            self._settle(session, delivery, requeue=False)
+            return
         if running is not None:
             # The broker redelivered a job that is still running here, after the
             # session that carried it dropped: ack the new delivery when it ends.

@@ -426,3 +426,45 @@ async def test_connection_closed_mid_job(
         make_job,
         signing_key,
     )
+
+
+async def test_duplicate_message_while_running(
+    private_broker,
+    private_coordinator,
+    private_competition,
+    start_private_agent,
+    private_publish,
+    make_job,
+    signing_key,
+):
+    # A publisher that retries after a lost confirm can enqueue the same job message
+    # twice, and with two slots both copies reach the agent on one session.
+    agent = await asyncio.to_thread(start_private_agent, private_competition, slots=2)
+    job = make_job(private_competition, command=sleeping_command(6))
+    body = signing_key.sign(job)
+    await private_publish(private_competition, body)
+    await wait_for(
+        lambda: started_line(job.job_id) in agent.log(), 120, "the container"
+    )
+
+    await private_publish(private_competition, body)
+
+    await wait_for(
+        lambda: f"job {job.job_id} delivered again while running" in agent.log(),
+        30,
+        "the second copy to reach the agent",
+    )
+    stored = await recorded_once(
+        private_coordinator, private_broker, private_competition, job.job_id
+    )
+    assert stored.status == "succeeded"
+    assert private_coordinator.store.audit_count(job.job_id) == 0
+    assert agent.log().count(started_line(job.job_id)) == 1
+    await serves_normal_job(
+        private_coordinator,
+        private_broker,
+        private_competition,
+        private_publish,
+        make_job,
+        signing_key,
+    )
