@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import logging
 import os
 import signal
@@ -62,11 +63,10 @@ def _drain(config_path: Path, wait_s: float) -> int:
         print(f"fairu-agent: error: {exc}", file=sys.stderr)
         return 2
     pid_file = config.agent.state_dir / "agent.pid"
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        print(f"fairu-agent: no agent is running for {config_path} ({pid_file} not found)",
-              file=sys.stderr)
+    pid = _locked_pid(pid_file)
+    if pid is None:
+        print(f"fairu-agent: no agent is running for {config_path} (nothing holds the "
+              f"lock on {pid_file})", file=sys.stderr)
         return 1
     try:
         os.kill(pid, signal.SIGTERM)
@@ -79,13 +79,32 @@ def _drain(config_path: Path, wait_s: float) -> int:
         return 0
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        if not pid_file.exists():
+        if _locked_pid(pid_file) is None:
             print("agent stopped")
             return 0
         time.sleep(0.2)
     print(f"fairu-agent: agent process {pid} is still draining after {wait_s:.0f} s",
           file=sys.stderr)
     return 3
+
+
+def _locked_pid(pid_file: Path) -> int | None:
+    """Return the id of the agent holding the state folder's lock, or None.
+
+    A pid file nobody holds the lock on is stale, so its number is never signalled.
+    """
+    try:
+        handle = open(pid_file)
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = handle.read().strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
 
 
 async def _start(agent: Agent) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import pika
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from fairu.protocol.errors import ConfigError
 from fairu.protocol.models import Name
@@ -37,6 +38,17 @@ class SiteSection(Section):
 class BrokerSection(Section):
     url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     heartbeat_s: Annotated[int, Field(ge=0, le=600)] = 30
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        if not url.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        try:
+            pika.URLParameters(url)
+        except (ValueError, IndexError, TypeError):
+            raise ValueError("is not a valid AMQP URL") from None
+        return url
 
 
 class TrustSection(Section):
@@ -103,9 +115,19 @@ class PodmanSection(Section):
     # Either the API socket URL, or the user whose rootless socket to use.
     socket: str | None = None
     user: str | None = None
-    tmpfs_size: str = "256m"
+    tmpfs_size: Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]*[kmg]?$")] = "256m"
     log_cap_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     ulimits: dict[str, tuple[int, int]] = {}
+
+    @field_validator("ulimits")
+    @classmethod
+    def _check_ulimits(cls, ulimits: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        for name, (soft, hard) in ulimits.items():
+            if name not in ULIMIT_NAMES:
+                raise ValueError(f"unknown ulimit {name!r}; use one of {', '.join(ULIMIT_NAMES)}")
+            if not 0 <= soft <= hard:
+                raise ValueError(f"ulimit {name}: need 0 <= soft <= hard, got [{soft}, {hard}]")
+        return ulimits
 
     def socket_url(self) -> str:
         if self.socket and self.user:
@@ -123,6 +145,13 @@ class PodmanSection(Section):
         else:
             uid = os.getuid()
         return f"unix:///run/user/{uid}/podman/podman.sock"
+
+
+# The rlimit names podman accepts (without RLIMIT_), as in `podman run --ulimit`.
+ULIMIT_NAMES = (
+    "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
+    "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack",
+)
 
 
 class RunnerSection(Section):

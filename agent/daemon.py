@@ -140,7 +140,7 @@ class Agent:
 
     async def run(self) -> None:
         await asyncio.to_thread(self.state.prepare)
-        await asyncio.to_thread(self.state.write_pid)
+        await asyncio.to_thread(self.state.lock)
         self.identity = await asyncio.to_thread(
             self.state.load_identity, self.config.site.name
         )
@@ -321,7 +321,7 @@ class Agent:
             await session.close()
         await self.runner.close()
         await asyncio.to_thread(self.state.close)
-        await asyncio.to_thread(self.state.remove_pid)
+        await asyncio.to_thread(self.state.unlock)
 
     async def _drain(self) -> None:
         jobs = [job.task for job in self.running.values() if job.task is not None]
@@ -487,7 +487,9 @@ class Agent:
             else:
                 logger.warning("agent %s ignored a trust message of kind %r", self.agent_id, kind)
         except RejectedError as exc:
-            logger.error("agent %s rejected a trust message: %s", self.agent_id, exc)
+            # Messages of another platform or of an earlier root are expected in a
+            # shared stream, so they are logged once each at WARNING, not as errors.
+            logger.warning("agent %s rejected a trust message: %s", self.agent_id, exc)
 
     def _apply_cancel(self, request: CancelRequest) -> None:
         reason = request.reason or "cancelled by the platform"

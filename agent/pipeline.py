@@ -362,7 +362,9 @@ def claimed_job_id(body: bytes) -> str:
 
 
 def _cap_log(text: str, truncated: bool) -> tuple[str, bool]:
+    """Keep the tail that fits a result, saying how much of the runner's log is dropped."""
     if len(text) <= MAX_LOG_TAIL_CHARS:
         return text, truncated
-    marker = "[fairu: log cut to its last characters]\n"
-    return marker + text[-(MAX_LOG_TAIL_CHARS - len(marker)) :], True
+    marker = "[fairu: {} earlier characters of log dropped]\n"
+    room = MAX_LOG_TAIL_CHARS - len(marker.format(len(text)))
+    return marker.format(len(text) - room) + text[-room:], True

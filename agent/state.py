@@ -15,6 +15,7 @@ may differ from the agent's user, must traverse them to reach its bind mounts.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import logging
 import os
@@ -23,6 +24,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -62,6 +64,7 @@ class StateDir:
         self.work = root / "work"
         self._db_lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._lock_handle: IO[str] | None = None
 
     def prepare(self) -> None:
         try:
@@ -102,15 +105,34 @@ class StateDir:
     def pid_file(self) -> Path:
         return self.root / "agent.pid"
 
-    def write_pid(self) -> None:
-        self.pid_file.write_text(f"{os.getpid()}\n")
+    def lock(self) -> None:
+        """Take the folder's lock and write this process's id, or raise ConfigError.
 
-    def remove_pid(self) -> None:
+        Two agents on one state folder would remove each other's containers, so the
+        lock is an exclusive flock held for the life of the process.
+        """
+        handle = open(self.pid_file, "a+")
         try:
-            if self.pid_file.read_text().strip() == str(os.getpid()):
-                self.pid_file.unlink()
-        except FileNotFoundError:
-            pass
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ConfigError(
+                f"another agent (process {holder}) is running with state folder "
+                f"{self.root}; stop it or give this agent its own agent.state_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_handle = handle
+
+    def unlock(self) -> None:
+        if self._lock_handle is not None:
+            self.pid_file.unlink(missing_ok=True)
+            self._lock_handle.close()
+            self._lock_handle = None
 
     # --- identity ---------------------------------------------------------------
 

@@ -123,7 +123,7 @@ class TrustStore:
             return 0
         with self._lock:
             advance = advance_root(self.root_key(), self._root.version, chain)
-            if advance.accepted:
+            if advance.accepted or advance.version != self._root.version:
                 self._root = RootState(
                     pinned=self._root.pinned,
                     version=advance.version,

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -27,13 +28,17 @@ from fairu.protocol.models import (
     utc_now,
 )
 from fairu.protocol.signing import (
+    decode_envelope,
+    describe_validation,
     generate_private_key,
     key_id_for,
     load_private_key,
+    load_public_key_text,
     open_unverified,
     public_key_text,
     sign_model,
     sign_payload,
+    verify_envelope,
     write_private_key,
 )
 from fairu.protocol.trust import sign_job
@@ -76,6 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     except SessionError as exc:
         print(f"fairu-admin: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except ValidationError as exc:
+        print(f"fairu-admin: error: invalid value: {describe_validation(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except sqlite3.Error as exc:
+        print(f"fairu-admin: error: the coordinator database cannot be used: {exc}; pass "
+              "the file given to fairu-coordinator --db", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("fairu-admin: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of our output went away (as with `| head`); nothing to report.
+        sys.stderr.close()
+        return EXIT_FAILED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     keys = keys_group.add_subparsers(dest="action", required=True)
     init = keys.add_parser("init", help="write a bare job-signing key pair (no certificate)")
-    init.add_argument("--out", type=Path, default=DEFAULT_KEYS_DIR, help="folder for the key files")
+    init.add_argument(
+        "--out", type=Path, help="folder for the key files (default: the --keys-dir folder)"
+    )
     init.add_argument("--name", default="signing", help="file name stem (default signing)")
     init.set_defaults(handler=_keys_init)
     keys.add_parser("init-root", help="make the root key pair").set_defaults(
@@ -154,6 +175,13 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, help="seconds to wait for the result (default: walltime + 600)"
     )
     submit.add_argument("--json", action="store_true", help="print the result as JSON")
+    submit.add_argument(
+        "--db",
+        type=Path,
+        default=Path(os.environ.get("FAIRU_COORDINATOR_DB", DEFAULT_COORDINATOR_DB)),
+        help="coordinator database whose agent keys check the result's signature "
+        f"(default: $FAIRU_COORDINATOR_DB or {DEFAULT_COORDINATOR_DB}, when it exists)",
+    )
     submit.set_defaults(handler=_submit)
 
     cancel = groups.add_parser("cancel", help="end a job wherever it is")
@@ -201,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _keys_init(args: argparse.Namespace) -> int:
-    folder: Path = args.out.expanduser()
+    folder: Path = (args.out or args.keys_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     key = generate_private_key()
     private_path = folder / f"{args.name}.key"
@@ -526,11 +554,25 @@ def _submit(args: argparse.Namespace) -> int:
     job = load_job_file(args.job_file, args.job_id)
     body = _sign_as_platform(args, job)
     timeout = args.timeout or job.resources.walltime_s + 600
-    return asyncio.run(_submit_job(args.broker, job, body, args.wait, timeout, args.json))
+    if timeout <= 0:
+        raise ConfigError(f"invalid --timeout {args.timeout}: give a positive number of seconds")
+    checker = ResultChecker(args.db if args.db.is_file() else None)
+    try:
+        return asyncio.run(
+            _submit_job(args.broker, job, body, args.wait, timeout, args.json, checker)
+        )
+    finally:
+        checker.close()
 
 
 async def _submit_job(
-    url: str, job: JobSpec, body: bytes, wait: bool, timeout: float, as_json: bool
+    url: str,
+    job: JobSpec,
+    body: bytes,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+    checker: "ResultChecker",
 ) -> int:
     session = await _with_session(url, "fairu-admin submit")
     try:
@@ -559,7 +601,7 @@ async def _submit_job(
         print(f"submitted job {job.job_id} to {job_queue_name(job.competition, job.queue)}")
         if not wait:
             return 0
-        return await _follow(session, messages, job, timeout, as_json)
+        return await _follow(session, messages, job, timeout, as_json, checker)
     finally:
         await session.close()
 
@@ -570,6 +612,7 @@ async def _follow(
     job: JobSpec,
     timeout: float,
     as_json: bool,
+    checker: "ResultChecker",
 ) -> int:
     deadline = time.monotonic() + timeout
     while True:
@@ -592,11 +635,52 @@ async def _follow(
         result = _read(delivery.body, JobResult)
         if result is None:
             continue
+        verdict = checker.check(delivery.body, result)
+        if verdict == "forged":
+            print(
+                f"fairu-admin: ignored a result for job {job.job_id} whose signature does "
+                f"not match the key of agent {result.agent_id}",
+                file=sys.stderr,
+            )
+            continue
+        if verdict == "unchecked":
+            print(
+                f"note: the signature of agent {result.agent_id} was not checked: it is not "
+                "in a coordinator database (--db)",
+                file=sys.stderr,
+            )
         if as_json:
             print(result.model_dump_json(indent=2))
         else:
             print(format_result(result))
         return 0 if result.status is FinalStatus.SUCCEEDED else EXIT_FAILED
+
+
+class ResultChecker:
+    """Checks result signatures against the agent keys in the coordinator's database."""
+
+    def __init__(self, database: Path | None) -> None:
+        self.store = Store(database) if database is not None else None
+
+    def check(self, body: bytes, result: JobResult) -> str:
+        """Return "verified", "forged" or "unchecked" (the agent's key is unknown)."""
+        if self.store is None:
+            return "unchecked"
+        key_text = self.store.agent_key(result.agent_id)
+        if key_text is None:
+            return "unchecked"
+        try:
+            envelope = decode_envelope(body)
+            if envelope.key_id != result.agent_id:
+                return "forged"
+            verify_envelope(envelope, {envelope.key_id: load_public_key_text(key_text)})
+        except RejectedError:
+            return "forged"
+        return "verified"
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
 
 def _read(body: bytes, model: type[ModelT]) -> ModelT | None:

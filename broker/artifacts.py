@@ -36,8 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.root.is_dir():
         print(f"fairu-artifacts: error: {args.root} is not a folder", file=sys.stderr)
         return 2
+    if not 0 < args.port < 65536:
+        print(f"fairu-artifacts: error: invalid port {args.port}", file=sys.stderr)
+        return 2
     logger.info("serving %s on http://%s:%d/", args.root, args.host, args.port)
-    web.run_app(make_app(args.root.resolve()), host=args.host, port=args.port, print=None)
+    try:
+        web.run_app(make_app(args.root.resolve()), host=args.host, port=args.port, print=None)
+    except OSError as exc:
+        print(f"fairu-artifacts: error: cannot listen on {args.host}:{args.port}: "
+              f"{exc.strerror}; choose another --port", file=sys.stderr)
+        return 1
     logger.info("artifact server stopped")
     return 0
 

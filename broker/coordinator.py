@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import signal
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.db.parent.mkdir(parents=True, exist_ok=True)
         store = Store(args.db)
-    except (OSError, ConfigError) as exc:
+    except (OSError, ConfigError, sqlite3.Error) as exc:
         print(f"fairu-coordinator: error: cannot open database {args.db}: {exc}", file=sys.stderr)
         return 2
 

@@ -33,7 +33,10 @@ def parse_duration(text: str) -> timedelta:
         raise ConfigError(
             f"invalid duration {text!r}: use a number and a unit, as in 90s, 15m, 2h or 7d"
         )
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > 10 * 365 * 86400:
+        raise ConfigError(f"invalid duration {text!r}: the limit is ten years")
+    return timedelta(seconds=seconds)
 
 
 def load_job_file(path: Path, job_id: str | None = None) -> JobSpec:
@@ -51,7 +54,12 @@ def load_job_file(path: Path, job_id: str | None = None) -> JobSpec:
         raw["job_id"] = job_id
     raw["created_at"] = created
     raw["expires_at"] = created + expires_in
-    raw["inputs"] = [_complete_input(item, path.parent) for item in raw.get("inputs", [])]
+    inputs = raw.get("inputs", [])
+    if not isinstance(inputs, list) or not all(isinstance(item, dict) for item in inputs):
+        raise ConfigError(
+            f"invalid job file {path}: write each input as an [[inputs]] table"
+        )
+    raw["inputs"] = [_complete_input(item, path.parent) for item in inputs]
     try:
         # The file is trusted organizer input, so lax mode lets TOML ints stand
         # for floats and dates; the agent parses the signed JSON strictly.

@@ -222,6 +222,13 @@ def advance_root(
     time. A link the current root did not sign raises `RejectedError`.
     """
     key, accepted = current, 0
+    # A site may pin a root that came later than the first one; the link that
+    # introduced that root tells its version.
+    current_text = public_key_text(current)
+    for link in chain.links:
+        claimed = _peek_rotation(link)
+        if claimed is not None and claimed.new_root_key == current_text:
+            version = max(version, claimed.version)
     for link in chain.links:
         claimed = _peek_rotation(link)
         if claimed is not None and claimed.version <= version:

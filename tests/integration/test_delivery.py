@@ -165,3 +165,37 @@ def _containers_of(podman_socket: str, job_id: str) -> list[object]:
 
     with podman.PodmanClient(base_url=podman_socket) as client:
         return client.containers.list(all=True, filters={"label": f"fairu.job_id={job_id}"})
+
+
+async def test_second_agent_on_same_state_refused(competition, start_agent):
+    agent = start_agent(competition, runner="null")
+    second = subprocess.run(
+        [sys.executable, "-m", "fairu.agent.cli", "start", "--config", str(agent.config_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert second.returncode == 2
+    assert "another agent" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert agent.process is not None and agent.process.poll() is None
+
+
+async def test_drain_ignores_stale_pid_file(tmp_path, signing_key):
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        config = tmp_path / "site.toml"
+        config.write_text(
+            f'[site]\nname = "x"\n[trust]\nsigning_keys = ["{signing_key.public_text}"]\n'
+            '[agent]\nstate_dir = "state"\n[[queues]]\ncompetition = "c"\nname = "q"\n'
+        )
+        (tmp_path / "state").mkdir()
+        (tmp_path / "state" / "agent.pid").write_text(f"{bystander.pid}\n")
+        drained = subprocess.run(
+            [sys.executable, "-m", "fairu.agent.cli", "drain", "--config", str(config)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert drained.returncode == 1
+        assert "no agent is running" in drained.stderr
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()

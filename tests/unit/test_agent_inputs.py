@@ -93,6 +93,14 @@ def test_config_resolves_relative_paths(tmp_path):
         pytest.param(('["KEY"]', '["not-a-key"]'), "invalid Ed25519 public key", id="bad-key"),
         pytest.param(("[[queues]]", "[[queue]]"), "queue", id="no-queues"),
         pytest.param(("[site]", "[site"), "not valid TOML", id="bad-toml"),
+        pytest.param(("[agent]", '[broker]\nurl = "not a url"\n[agent]'), "broker.url",
+                     id="bad-broker-url"),
+        pytest.param(("[[queues]]", '[runner.podman]\ntmpfs_size = "lots"\n[[queues]]'),
+                     "tmpfs_size", id="bad-tmpfs-size"),
+        pytest.param(("[[queues]]", "[runner.podman.ulimits]\nbogus = [1, 1]\n[[queues]]"),
+                     "unknown ulimit", id="unknown-ulimit"),
+        pytest.param(("[[queues]]", "[runner.podman.ulimits]\nnofile = [9, 1]\n[[queues]]"),
+                     "soft <= hard", id="ulimit-soft-above-hard"),
     ],
 )
 def test_config_errors_name_the_value(tmp_path, edit, expected):
@@ -141,7 +149,16 @@ def test_job_file_error_names_field(tmp_path):
         load_job_file(tmp_path / "job.toml")
 
 
-@pytest.mark.parametrize("text", ["1 week", "10", "-5m", ""])
+def test_job_file_inputs_must_be_tables(tmp_path):
+    (tmp_path / "job.toml").write_text(
+        'competition = "c"\nqueue = "q"\nsubmission_id = "s"\nimage = "i"\n'
+        'command = ["true"]\ninputs = ["a"]\n'
+    )
+    with pytest.raises(ConfigError, match=r"\[\[inputs\]\] table"):
+        load_job_file(tmp_path / "job.toml")
+
+
+@pytest.mark.parametrize("text", ["1 week", "10", "-5m", "", "99999999999999d"])
 def test_duration_rejects(text):
     with pytest.raises(ConfigError, match="invalid duration"):
         parse_duration(text)

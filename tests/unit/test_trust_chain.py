@@ -142,3 +142,16 @@ def test_link_skipping_a_version_rejected(root):
 def test_job_signed_by_root_chain_wrapper_is_not_a_certificate(root, signer):
     envelope = sign_payload(PAYLOAD, root)
     assert code_of(envelope, view(root)) is ErrorCode.UNKNOWN_KEY
+
+
+def test_site_pinning_later_root_follows_chain(root):
+    second = generate_private_key()
+    third = generate_private_key()
+    chain = RootChain(
+        links=[sign_rotation(root, second.public_key(), 2), sign_rotation(second, third.public_key(), 3)]
+    )
+    # A site installed after the first rotation pins the second root, and knows no
+    # version for it until the chain names it.
+    advance = advance_root(second.public_key(), 1, chain)
+    assert advance.version == 3
+    assert key_id_for(advance.key) == key_id_for(third.public_key())
