@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from fairu.protocol.models import JobSpec, ResourceAmounts, Resources
+from fairu.protocol.topology import DELIVERY_LIMIT
 from fairu.protocol.placement import (
     MIB,
     GpuUnit,
@@ -31,7 +32,7 @@ from fairu.protocol.placement import (
     unit_matches,
 )
 
-from .config import ResourcesSection
+from .config import ResourcesSection, SiteConfig
 from .probe import Capacity
 from .session import AmqpSession, Delivery, DeliveryHandler, SessionError
 
@@ -240,6 +241,58 @@ def _pick_units(free: Iterable[GpuUnit], request: Resources) -> list[GpuUnit]:
     return matching[: request.gpus]
 
 
+def set_up_admission(
+    config: SiteConfig, capacity: Capacity, handler: DeliveryHandler, agent_id: str
+) -> tuple[Admission, PrefetchGate]:
+    """Build the offer from the probed capacity and the gate over the config's queues."""
+    offer = build_offer(capacity, config.agent.slots, config.resources)
+    admission = Admission(offer)
+    gate = PrefetchGate(admission, handler)
+    for queue in config.queues:
+        gate.add_queue(queue.amqp_name, queue.needs_gpu)
+        if queue.needs_gpu and not offer.units:
+            logger.warning(
+                "agent %s serves GPU queue %s but offers no GPU, so every job from it "
+                "goes back to the queue",
+                agent_id, queue.amqp_name,
+            )
+    logger.info(
+        "agent %s starting: site %s, %d cores (%g usable), %d MiB, %d GPUs; offers "
+        "%s; queues %s",
+        agent_id,
+        config.site.name,
+        capacity.cpu_cores,
+        capacity.usable_cpus,
+        capacity.memory_bytes // MIB,
+        len(capacity.gpus),
+        offer.describe(),
+        ", ".join(queue.amqp_name for queue in config.queues),
+    )
+    return admission, gate
+
+
+def log_give_back(
+    agent_id: str, offer: Offer, job: JobSpec, delivery: Delivery, decision: Decision
+) -> None:
+    """Log why a job goes back to its queue, with its delivery count."""
+    missing = "; ".join(decision.missing)
+    # x-delivery-count counts earlier deliveries, and the broker dead-letters the
+    # message when it reaches DELIVERY_LIMIT.
+    attempt = f"delivery {delivery.delivery_count + 1} of at most {DELIVERY_LIMIT + 1}"
+    if decision.verdict is Verdict.NEVER:
+        logger.warning(
+            "job %s can never start on agent %s (%s; this agent offers %s); returned it "
+            "to %s for another agent (%s)",
+            job.job_id, agent_id, missing, offer.describe(), delivery.queue, attempt,
+        )
+    else:
+        logger.info(
+            "job %s cannot start on agent %s now (%s); returned it to %s and paused that "
+            "queue until a job ends (%s)",
+            job.job_id, agent_id, missing, delivery.queue, attempt,
+        )
+
+
 # --- the consumer prefetch ---------------------------------------------------------
 
 
@@ -247,7 +300,13 @@ def _pick_units(free: Iterable[GpuUnit], request: Resources) -> list[GpuUnit]:
 class _Consumer:
     tag: str
     prefetch: int
-    delivered: int = 0
+    # Deliveries through this consumer that are not acked or nacked yet, by id().
+    unsettled: set[int] = field(default_factory=set)
+
+    @property
+    def credit(self) -> int:
+        """Return how many more messages the broker may deliver to this consumer."""
+        return max(0, self.prefetch - len(self.unsettled))
 
 
 @dataclass
@@ -255,17 +314,23 @@ class _QueueState:
     name: str
     needs_gpu: bool
     consumer: _Consumer | None = None
-    # Set after a job from this queue came back BUSY and cleared by the next
-    # release, so that a queue whose head job waits for resources is not read in
-    # a loop.
+    # Set when a job from this queue goes back BUSY and cleared when a job ends,
+    # so that a queue whose first job waits for resources is not read in a loop.
     held: bool = False
 
 
 class PrefetchGate:
-    """Keeps each job queue's consumer prefetch equal to the jobs that could start now.
+    """Keeps each job queue's prefetch credit at the number of jobs that could start now.
 
-    Deliveries that arrived and are not decided yet count against the estimate,
+    A consumer's credit is its prefetch less its unsettled deliveries, so a job that
+    ends gives its credit back without any change here. The gate creates a new
+    consumer only when the credit must grow beyond that or shrink, and none while
+    no job could start. Deliveries not decided yet count against the estimate,
     because each of them may take resources that `Admission` does not show as taken.
+
+    NOTE: every queue gets the whole estimate, because RabbitMQ has no prefetch
+    shared by some consumers of a channel. An agent serving several queues can
+    therefore receive more jobs than it can start, and the extra ones go back BUSY.
     """
 
     def __init__(self, admission: Admission, handler: DeliveryHandler) -> None:
@@ -301,29 +366,36 @@ class PrefetchGate:
     # --- deliveries -------------------------------------------------------------
 
     def _on_delivery(self, consumer: _Consumer, delivery: Delivery) -> None:
-        consumer.delivered += 1
+        consumer.unsettled.add(id(delivery))
         self.pending.add(id(delivery))
         self.handler(delivery)
 
     def decide(self, job: JobSpec, delivery: Delivery) -> Decision:
-        """Decide a delivered job; a BUSY job holds its queue until resources change."""
+        """Decide a delivered job with `Admission.decide`."""
         self.pending.discard(id(delivery))
-        decision = self.admission.decide(job.job_id, job.resources)
-        if decision.verdict is Verdict.BUSY:
-            state = self.queues.get(delivery.queue)
-            if state is not None:
-                state.held = True
-        self.request_refresh()
-        return decision
+        return self.admission.decide(job.job_id, job.resources)
 
-    def forget(self, delivery: Delivery) -> None:
-        """Stop counting a delivery that ended before `decide` (rejected, replayed)."""
-        if id(delivery) in self.pending:
-            self.pending.discard(id(delivery))
-            self.request_refresh()
+    async def hold(self, queue: str) -> None:
+        """Stop consuming `queue` until a job ends.
+
+        Call it before returning a BUSY job, so that the broker cannot deliver the
+        returned job to this agent again while the consumer is being cancelled.
+        """
+        state = self.queues.get(queue)
+        if state is not None:
+            state.held = True
+            await self.refresh()
+
+    def settled(self, delivery: Delivery) -> None:
+        """Note that a delivery was acked or nacked, which returns its credit."""
+        self.pending.discard(id(delivery))
+        for state in self.queues.values():
+            if state.consumer is not None:
+                state.consumer.unsettled.discard(id(delivery))
+        self.request_refresh()
 
     def release(self, job_id: str) -> None:
-        """Free a job's resources and let held queues try again."""
+        """Free a job's resources and let held queues be read again."""
         for state in self.queues.values():
             state.held = False
         self.admission.release(job_id)
@@ -345,10 +417,11 @@ class PrefetchGate:
             self._dirty = False
             await self.refresh()
 
-    def desired_prefetch(self, needs_gpu: bool, held: bool) -> int:
-        if held:
+    def allowed(self, state: _QueueState) -> int:
+        """Return how many more deliveries `state`'s queue may send now."""
+        if state.held:
             return 0
-        return max(0, self.admission.startable(needs_gpu) - len(self.pending))
+        return max(0, self.admission.startable(state.needs_gpu) - len(self.pending))
 
     async def refresh(self) -> None:
         async with self._lock:
@@ -363,22 +436,24 @@ class PrefetchGate:
                 logger.warning("job consumers not updated, the broker session failed: %s", exc)
 
     async def _refresh_queue(self, session: AmqpSession, state: _QueueState) -> None:
-        desired = self.desired_prefetch(state.needs_gpu, state.held)
+        allowed = self.allowed(state)
         current = state.consumer
-        if current is not None and current.prefetch == desired and current.delivered == 0:
-            return
-        if current is None and desired == 0:
+        credit = current.credit if current is not None else 0
+        # A held queue loses its consumer even at zero credit, because the job it
+        # returns would give the credit back.
+        keep = current is not None and not state.held
+        if credit == allowed and (keep or current is None):
             return
         if current is not None:
             state.consumer = None
             await session.cancel(current.tag)
-        if desired == 0 or self.stopped:
+        if allowed == 0 or self.stopped:
             logger.debug("not consuming %s: no job could start now", state.name)
             return
-        await session.set_prefetch(desired)
-        consumer = _Consumer(tag="", prefetch=desired)
+        await session.set_prefetch(allowed)
+        consumer = _Consumer(tag="", prefetch=allowed)
         consumer.tag = await session.consume(
             state.name, lambda delivery: self._on_delivery(consumer, delivery)
         )
         state.consumer = consumer
-        logger.debug("consuming %s with prefetch %d", state.name, desired)
+        logger.debug("consuming %s with prefetch %d", state.name, allowed)

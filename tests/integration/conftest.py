@@ -248,6 +248,7 @@ def start_agent(
         *,
         runner: str = "podman",
         slots: int = 1,
+        heartbeat_interval_s: float = 2,
         trust: str | None = None,
         agent_extra: str = "",
         extra: str = "",
@@ -269,7 +270,7 @@ url = "{broker_url or default_broker_url}"
 [agent]
 state_dir = "state"
 slots = {slots}
-heartbeat_interval_s = 2
+heartbeat_interval_s = {heartbeat_interval_s}
 stop_grace_s = 10
 {agent_extra}
 [[queues]]
