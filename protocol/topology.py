@@ -19,6 +19,11 @@ DEAD_LETTER_QUEUE = "fairu.dead"
 # registration before that agent's results; heartbeats have a queue of their own.
 COORDINATOR_RECORDS_QUEUE = "fairu.coordinator.records"
 COORDINATOR_HEARTBEATS_QUEUE = "fairu.coordinator.heartbeats"
+# The coordinator's copy of dead-lettered messages: it ends jobs that no agent can
+# run and publishes again jobs that only found busy agents.
+COORDINATOR_DEAD_LETTERS_QUEUE = "fairu.coordinator.dead-letters"
+# The id under which the coordinator signs the results it makes itself.
+COORDINATOR_ID = "fairu-coordinator"
 
 # A message that has been delivered this many times without an ack goes to the
 # dead-letter exchange instead of looping between agents.

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fairu.broker.coordinator import Coordinator
+from fairu.broker.coordinator import Coordinator, CoordinatorQueues
 from fairu.broker.store import Store
 from fairu.protocol.models import FinalStatus, JobResult, utc_now
 from fairu.protocol.signing import generate_private_key, sign_model
@@ -19,7 +19,8 @@ pytestmark = pytest.mark.broker
 @pytest.fixture
 async def coordinator(broker_url, tmp_path):
     store = Store(tmp_path / "coordinator.sqlite")
-    service = Coordinator(broker_url, store)
+    # Reading no dead letters keeps this coordinator from ending other tests' jobs.
+    service = Coordinator(broker_url, store, queues=CoordinatorQueues(dead_letters=None))
     task = asyncio.create_task(service.run())
     yield service
     service.stopping.set()
