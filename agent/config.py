@@ -23,7 +23,7 @@ from fairu.protocol.signing import (
     key_id_for,
     load_public_key_text,
 )
-from fairu.protocol.topology import job_queue_name
+from fairu.protocol.topology import class_needs_gpu, job_queue_name
 
 
 class Section(BaseModel):
@@ -72,7 +72,7 @@ class QueueSection(Section):
 
     @property
     def needs_gpu(self) -> bool:
-        return self.name.startswith("gpu") if self.gpu is None else self.gpu
+        return class_needs_gpu(self.name) if self.gpu is None else self.gpu
 
     @property
     def amqp_name(self) -> str:

@@ -31,6 +31,16 @@ DELIVERY_LIMIT = 5
 
 QUEUE_PREFIX = "fairu.jobs."
 
+# A competition's queue names are its resource classes, such as "cpu", "gpu" and
+# "gpu-large". "cpu" takes jobs that request no GPU, and a class whose name starts
+# with "gpu" takes jobs that request at least one.
+CPU_CLASS = "cpu"
+GPU_CLASS_PREFIX = "gpu"
+
+
+def class_needs_gpu(queue: str) -> bool:
+    return queue.startswith(GPU_CLASS_PREFIX)
+
 
 def job_routing_key(competition: str, queue: str) -> str:
     return f"{competition}.{queue}"

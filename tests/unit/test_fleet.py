@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from fairu.broker.admin import format_agents, gpus_by_model
+from fairu.broker.jobfile import load_job_file
 from fairu.broker.scheduling import (
     MAX_REQUEUE_ROUNDS,
     give_up_message,
@@ -17,6 +18,7 @@ from fairu.broker.scheduling import (
     unschedulable_message,
 )
 from fairu.broker.store import Store, fleet_state
+from fairu.protocol.errors import ConfigError
 from fairu.protocol.models import GpuInfo, JobSpec, MigDeviceInfo, Resources, utc_now
 
 QUEUE = "fairu.jobs.higgs.gpu"
@@ -219,3 +221,25 @@ def test_agents_table_groups_gpus(store):
     assert "3.5/15" in row
     assert "20.0/60.0 GiB" in row
     assert "0/1 NVIDIA A100-SXM4-40GB, 1/2 NVIDIA A100-SXM4-40GB MIG 1g.5gb" in row
+
+
+@pytest.mark.parametrize(
+    "queue, gpus, error",
+    [
+        pytest.param("cpu", 1, "requests gpus = 1 in resource class 'cpu'", id="gpu-in-cpu"),
+        pytest.param("gpu-large", 0, "names GPU resource class 'gpu-large'", id="cpu-in-gpu"),
+        pytest.param("gpu", 2, None, id="gpu"),
+        pytest.param("cpu", 0, None, id="cpu"),
+        pytest.param("bigmem", 0, None, id="other-class"),
+    ],
+)
+def test_job_file_resource_class(tmp_path, queue, gpus, error):
+    (tmp_path / "job.toml").write_text(
+        f'competition = "higgs"\nqueue = "{queue}"\nsubmission_id = "s1"\n'
+        f'image = "localhost/x:1"\ncommand = ["true"]\n[resources]\ngpus = {gpus}\n'
+    )
+    if error is None:
+        assert load_job_file(tmp_path / "job.toml").resources.gpus == gpus
+    else:
+        with pytest.raises(ConfigError, match=error):
+            load_job_file(tmp_path / "job.toml")
