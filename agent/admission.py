@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Offer:
-    """What the agent gives to jobs in total, after the site's reservations."""
+    """The total that the agent gives to jobs, after the site's reservations."""
 
     cpus: float
     memory_bytes: int
@@ -79,7 +79,8 @@ def build_offer(capacity: Capacity, slots: int, section: ResourcesSection) -> Of
         # A GPU can be missing after a reboot or a MIG change, which is no reason
         # to stop the agent, so this is only a warning.
         logger.warning(
-            "resources.reserve_gpus names %r, which matches no GPU the probe found", name
+            "resources.reserve_gpus names %r, which matches no GPU the probe found",
+            name,
         )
     return Offer(
         cpus=max(0.0, capacity.usable_cpus - section.reserve_cpus),
@@ -202,7 +203,9 @@ class Admission:
             return Decision(Verdict.NEVER, missing=tuple(never))
 
         free_units = self.free_units()
-        busy = shortfalls(request, self.free_cpus(), self.free_memory_bytes(), free_units)
+        busy = shortfalls(
+            request, self.free_cpus(), self.free_memory_bytes(), free_units
+        )
         if self.free_slots() < 1:
             busy.append(f"slots 1 > 0 free of {offer.slots}")
         if busy:
@@ -219,7 +222,7 @@ class Admission:
         return Decision(Verdict.START, grant=grant)
 
     def release(self, job_id: str) -> None:
-        """Return a job's resources; releasing a job that holds none does nothing."""
+        """Return a job's resources; releasing a job without any does nothing."""
         if self._grants.pop(job_id, None) is not None:
             self._notify()
 
@@ -244,7 +247,7 @@ def _pick_units(free: Iterable[GpuUnit], request: Resources) -> list[GpuUnit]:
 def set_up_admission(
     config: SiteConfig, capacity: Capacity, handler: DeliveryHandler, agent_id: str
 ) -> tuple[Admission, PrefetchGate]:
-    """Build the offer from the probed capacity and the gate over the config's queues."""
+    """Build the offer from the probed capacity, and the gate over the queues."""
     offer = build_offer(capacity, config.agent.slots, config.resources)
     admission = Admission(offer)
     gate = PrefetchGate(admission, handler)
@@ -254,7 +257,8 @@ def set_up_admission(
             logger.warning(
                 "agent %s serves GPU queue %s but offers no GPU, so every job from it "
                 "goes back to the queue",
-                agent_id, queue.amqp_name,
+                agent_id,
+                queue.amqp_name,
             )
     logger.info(
         "agent %s starting: site %s, %d cores (%g usable), %d MiB, %d GPUs; offers "
@@ -281,15 +285,24 @@ def log_give_back(
     attempt = f"delivery {delivery.delivery_count + 1} of at most {DELIVERY_LIMIT + 1}"
     if decision.verdict is Verdict.NEVER:
         logger.warning(
-            "job %s can never start on agent %s (%s; this agent offers %s); returned it "
-            "to %s for another agent (%s)",
-            job.job_id, agent_id, missing, offer.describe(), delivery.queue, attempt,
+            "job %s can never start on agent %s (%s; this agent offers %s); "
+            "returned it to %s for another agent (%s)",
+            job.job_id,
+            agent_id,
+            missing,
+            offer.describe(),
+            delivery.queue,
+            attempt,
         )
     else:
         logger.info(
-            "job %s cannot start on agent %s now (%s); returned it to %s and paused that "
-            "queue until a job ends (%s)",
-            job.job_id, agent_id, missing, delivery.queue, attempt,
+            "job %s cannot start on agent %s now (%s); returned it to %s and "
+            "paused that queue until a job ends (%s)",
+            job.job_id,
+            agent_id,
+            missing,
+            delivery.queue,
+            attempt,
         )
 
 
@@ -320,7 +333,7 @@ class _QueueState:
 
 
 class PrefetchGate:
-    """Keeps each job queue's prefetch credit at the number of jobs that could start now.
+    """Keeps each job queue's prefetch credit at the jobs that could start now.
 
     A consumer's credit is its prefetch less its unsettled deliveries, so a job that
     ends gives its credit back without any change here. The gate creates a new
@@ -432,8 +445,10 @@ class PrefetchGate:
                 for state in self.queues.values():
                     await self._refresh_queue(session, state)
             except SessionError as exc:
-                # The daemon sees the closed session and reconnects.
-                logger.warning("job consumers not updated, the broker session failed: %s", exc)
+                # The daemon reconnects when the session closes.
+                logger.warning(
+                    "job consumers not updated, the broker session failed: %s", exc
+                )
 
     async def _refresh_queue(self, session: AmqpSession, state: _QueueState) -> None:
         allowed = self.allowed(state)

@@ -1,4 +1,4 @@
-"""`fairu-agent`: start the site agent from a site config, or show what it would offer."""
+"""`fairu-agent`: start the site agent from a site config, or show what it offers."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
     )
     probe = commands.add_parser(
-        "probe", help="print the CPUs, memory, scratch disk and GPUs the agent would offer"
+        "probe", help="print the CPUs, memory, disk and GPUs the agent would offer"
     )
     probe.add_argument(
         "--config", type=Path, help="site config whose reservations and state_dir apply"
@@ -74,7 +74,9 @@ def _probe(config_path: Path | None, as_json: bool) -> int:
                     "capacity": dataclasses.asdict(capacity)
                     | {"gpus": [gpu.model_dump(mode="json") for gpu in capacity.gpus]},
                     "offer": offer.amounts().model_dump(mode="json"),
-                    "cdi_devices": [cdi_device_name(unit, resources) for unit in offer.units],
+                    "cdi_devices": [
+                        cdi_device_name(unit, resources) for unit in offer.units
+                    ],
                 },
                 indent=2,
             )

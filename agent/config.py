@@ -112,12 +112,14 @@ class ResourcesSection(Section):
 
     reserve_cpus: Annotated[float, Field(ge=0)] = 0.0
     reserve_memory_mb: Annotated[int, Field(ge=0)] = 0
-    # GPUs kept back: an NVML index (0), a GPU or MIG UUID, or "GPU:MIG" indices ("0:1").
+    # GPUs kept back: NVML indices (0), GPU or MIG UUIDs, or "GPU:MIG" indices ("0:1").
     reserve_gpus: list[int | str] = []
     # CDI device names as `nvidia-ctk cdi generate --device-name-strategy` makes
     # them: "index" gives nvidia.com/gpu=0 (MIG: 0:1), "uuid" gives the UUID.
     cdi_device_names: Literal["index", "uuid"] = "index"
-    cdi_kind: Annotated[str, Field(pattern=r"^[a-z0-9.-]+/[a-z0-9_.-]+$")] = "nvidia.com/gpu"
+    cdi_kind: Annotated[str, Field(pattern=r"^[a-z0-9.-]+/[a-z0-9_.-]+$")] = (
+        "nvidia.com/gpu"
+    )
 
 
 class PodmanSection(Section):

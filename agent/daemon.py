@@ -186,7 +186,10 @@ class Agent:
                 self,
             )
             self.health = HealthServer(
-                self.config.agent.health_listen, self.metrics, self._gauges, self.runner.check
+                self.config.agent.health_listen,
+                self.metrics,
+                self._gauges,
+                self.runner.check,
             )
             await self.health.start()
             try:
@@ -419,12 +422,11 @@ class Agent:
         running = RunningJob(job, session, delivery, asyncio.current_task())  # type: ignore[arg-type]
         self.running[job.job_id] = running
         units = decision.grant.units
+        devices = [cdi_device_name(unit, self.config.resources) for unit in units]
+        uuids = [unit.uuid for unit in units]
         try:
             outcome = await pipeline.execute(
-                job,
-                delivery,
-                gpu_devices=[cdi_device_name(unit, self.config.resources) for unit in units],
-                gpu_uuids=[unit.uuid for unit in units],
+                job, delivery, gpu_devices=devices, gpu_uuids=uuids
             )
         finally:
             self.running.pop(job.job_id, None)
@@ -598,7 +600,10 @@ class Agent:
     def _amounts(self) -> dict[str, ResourceAmounts]:
         if self.admission is None:
             return {}
-        return {"capacity": self.admission.offer.amounts(), "free": self.admission.free()}
+        return {
+            "capacity": self.admission.offer.amounts(),
+            "free": self.admission.free(),
+        }
 
     async def _heartbeat_loop(self, session: AmqpSession) -> None:
         interval = self.config.agent.heartbeat_interval_s

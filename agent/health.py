@@ -1,7 +1,7 @@
 """The agent's health endpoint: /healthz and /metrics over HTTP, on loopback by default.
 
-/healthz returns 200 when the broker session is open and the podman service answers
-a ping, and 503 otherwise, with a JSON body saying which check failed. /metrics
+/healthz returns 200 when the broker session is open and the podman service responds
+to a ping, and 503 otherwise, with a JSON body saying which check failed. /metrics
 returns the agent's counters and gauges in the Prometheus text exposition format
 (version 0.0.4), written here so that the agent needs no Prometheus client library.
 """
@@ -80,9 +80,16 @@ class AgentMetrics:
 
     def render(self, gauges: Gauges) -> str:
         lines: list[str] = []
-        _header(lines, "fairu_jobs_finished_total", "counter", "Jobs ended, by final status.")
+        _header(
+            lines,
+            "fairu_jobs_finished_total",
+            "counter",
+            "Jobs ended, by final status.",
+        )
         for status, count in sorted(self.finished.items()):
-            lines.append(f'fairu_jobs_finished_total{{status="{_label(status)}"}} {count}')
+            lines.append(
+                f'fairu_jobs_finished_total{{status="{_label(status)}"}} {count}'
+            )
 
         name = "fairu_job_duration_seconds"
         _header(lines, name, "histogram", "Time from the start of a job to its result.")
@@ -94,7 +101,12 @@ class AgentMetrics:
 
         for metric, kind, help_text, value in (
             ("fairu_running_jobs", "gauge", "Jobs running now.", gauges.running_jobs),
-            ("fairu_free_slots", "gauge", "Jobs that could still start.", gauges.free_slots),
+            (
+                "fairu_free_slots",
+                "gauge",
+                "Jobs that could still start.",
+                gauges.free_slots,
+            ),
             ("fairu_free_gpus", "gauge", "GPU units no job holds.", gauges.free_gpus),
             ("fairu_gpus", "gauge", "GPU units offered to jobs.", gauges.gpus),
             (
@@ -136,7 +148,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(
-            f"invalid agent.health_listen {text!r}: use HOST:PORT, such as 127.0.0.1:9464"
+            f"invalid agent.health_listen {text!r}: use HOST:PORT, such as "
+            "127.0.0.1:9464"
         )
     return host, int(port)
 
@@ -159,7 +172,7 @@ class HealthServer:
         self.url = ""
 
     async def start(self) -> str:
-        """Start listening and return the base URL, with the port the OS picked for 0."""
+        """Start listening; return the base URL, with the port the OS picked for 0."""
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
@@ -181,7 +194,8 @@ class HealthServer:
         self.url = f"http://{host}:{port}"
         if not _is_loopback(self.host):
             logger.warning(
-                "health endpoint listens on %s, which is not a loopback address", self.host
+                "health endpoint listens on %s, which is not a loopback address",
+                self.host,
             )
         logger.info("health endpoint listening on %s", self.url)
         return self.url

@@ -1,4 +1,4 @@
-"""The capacity probe: CPU cores, memory and scratch disk through psutil, GPUs through NVML.
+"""The capacity probe: CPUs, memory and scratch disk through psutil, GPUs through NVML.
 
 The probe functions block (NVML calls, /proc and /sys reads), so the daemon runs
 them in a worker thread. No NVML library, no driver or no GPU gives an empty GPU
@@ -32,7 +32,7 @@ _V1_UNLIMITED_BYTES = 2**62
 
 @dataclass(frozen=True)
 class Capacity:
-    """What this host gives the agent, before the site config's reservations."""
+    """The resources this host gives the agent, before the site's reservations."""
 
     # Logical cores this process may run on (its CPU affinity).
     cpu_cores: int
@@ -97,7 +97,7 @@ def scratch_free_bytes(folder: Path) -> int | None:
 
 
 def parse_cpu_max(text: str) -> float | None:
-    """Return the cores a cgroup v2 `cpu.max` ("QUOTA PERIOD") allows; None for "max"."""
+    """Return the cores a cgroup v2 `cpu.max` ("QUOTA PERIOD") allows, or None."""
     parts = text.split()
     if not parts or parts[0] == "max":
         return None
@@ -158,9 +158,9 @@ def cgroup_memory_limit() -> int | None:
 
 
 def _cgroup_folders(controller: str) -> list[Path]:
-    """Return this process's cgroup folder for `controller` and each parent up to the root.
+    """Return the cgroup folder of this process for `controller`, and its parents.
 
-    cgroup v2 has one hierarchy ("0::/path"); v1 has one per controller
+    cgroup v2 has one hierarchy ("0::/path"), and v1 has one per controller
     ("4:cpu,cpuacct:/path"), mounted under a folder named after its controllers.
     """
     try:
@@ -194,7 +194,7 @@ def _cgroup_folders(controller: str) -> list[Path]:
 
 
 def probe_gpus(nvml: ModuleType | None = None) -> GpuReport:
-    """List the GPUs NVML sees; `nvml` replaces the pynvml module in tests."""
+    """List the GPUs that NVML reports; `nvml` replaces the pynvml module in tests."""
     if nvml is None:
         import pynvml
 
@@ -240,10 +240,14 @@ def _probe_gpu(nvml: ModuleType, index: int) -> GpuInfo:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     memory = _optional(nvml, "memory", lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
     capability = _optional(
-        nvml, "compute capability", lambda: nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        nvml,
+        "compute capability",
+        lambda: nvml.nvmlDeviceGetCudaComputeCapability(handle),
     )
     mig_mode = _optional(nvml, "MIG mode", lambda: nvml.nvmlDeviceGetMigMode(handle))
-    mig_enabled = None if mig_mode is None else mig_mode[0] == nvml.NVML_DEVICE_MIG_ENABLE
+    mig_enabled = (
+        None if mig_mode is None else mig_mode[0] == nvml.NVML_DEVICE_MIG_ENABLE
+    )
     return GpuInfo(
         index=index,
         uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
@@ -256,7 +260,9 @@ def _probe_gpu(nvml: ModuleType, index: int) -> GpuInfo:
     )
 
 
-def _probe_mig_devices(nvml: ModuleType, gpu_index: int, handle: Any) -> list[MigDeviceInfo]:
+def _probe_mig_devices(
+    nvml: ModuleType, gpu_index: int, handle: Any
+) -> list[MigDeviceInfo]:
     slots = _optional(
         nvml, "MIG device count", lambda: nvml.nvmlDeviceGetMaxMigDeviceCount(handle)
     )
@@ -265,12 +271,14 @@ def _probe_mig_devices(nvml: ModuleType, gpu_index: int, handle: Any) -> list[Mi
         try:
             mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, index)
         except nvml.NVMLError_NotFound:
-            # Slots without a configured MIG device answer "Not Found".
+            # NVML raises "Not Found" for a slot without a configured MIG device.
             continue
         except nvml.NVMLError as exc:
             logger.warning(
                 "MIG device %d of GPU %d left out: NVML failed to read it (%s)",
-                index, gpu_index, exc,
+                index,
+                gpu_index,
+                exc,
             )
             continue
         try:
@@ -278,7 +286,9 @@ def _probe_mig_devices(nvml: ModuleType, gpu_index: int, handle: Any) -> list[Mi
         except nvml.NVMLError as exc:
             logger.warning(
                 "MIG device %d of GPU %d left out: NVML failed to read it (%s)",
-                index, gpu_index, exc,
+                index,
+                gpu_index,
+                exc,
             )
     return devices
 
@@ -296,7 +306,9 @@ def _probe_mig_device(nvml: ModuleType, index: int, handle: Any) -> MigDeviceInf
             nvml, "GPU instance id", lambda: nvml.nvmlDeviceGetGpuInstanceId(handle)
         ),
         compute_instance_id=_optional(
-            nvml, "compute instance id", lambda: nvml.nvmlDeviceGetComputeInstanceId(handle)
+            nvml,
+            "compute instance id",
+            lambda: nvml.nvmlDeviceGetComputeInstanceId(handle),
         ),
     )
 
@@ -362,6 +374,8 @@ def describe_capacity(capacity: Capacity) -> str:
                 if device.memory_total_bytes is not None
                 else "memory unknown"
             )
-            lines.append(f"     {gpu.index}:{device.index}  {device.uuid}  "
-                         f"{device.name or '-'}  {size}")
+            lines.append(
+                f"     {gpu.index}:{device.index}  {device.uuid}  "
+                f"{device.name or '-'}  {size}"
+            )
     return "\n".join(lines)

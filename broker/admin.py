@@ -415,7 +415,9 @@ def _agents_list(args: argparse.Namespace) -> int:
 def gpus_by_model(agent: dict[str, Any]) -> dict[str, dict[str, int]]:
     """Count an agent's offered and free GPU units per model name."""
     offer = AgentOffer.from_row(agent)
-    free = set((agent.get("free") or {}).get("gpus", [unit.uuid for unit in offer.units]))
+    # An agent of the first release reports no free GPUs; count all of them as free.
+    all_units = [unit.uuid for unit in offer.units]
+    free = set((agent.get("free") or {}).get("gpus", all_units))
     models: dict[str, dict[str, int]] = {}
     for unit in offer.units:
         counts = models.setdefault(unit.name, {"free": 0, "total": 0})
@@ -436,7 +438,8 @@ def format_agents(agents: list[dict[str, Any]]) -> str:
         free_memory = int(free.get("memory_bytes", offer.memory_bytes))
         models = agent.get("gpus_by_model") or gpus_by_model(agent)
         gpus = ", ".join(
-            f"{counts['free']}/{counts['total']} {model}" for model, counts in models.items()
+            f"{counts['free']}/{counts['total']} {model}"
+            for model, counts in models.items()
         )
         rows.append((
             str(agent["site"]),

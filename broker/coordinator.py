@@ -105,7 +105,7 @@ class Coordinator:
         key: Ed25519PrivateKey | None = None,
         requeue_delay: Callable[[int], float] = requeue_delay_s,
     ) -> None:
-        """`key` signs the results the coordinator makes; None makes a key per process."""
+        """`key` signs the coordinator's own results; None makes a key for this run."""
         self.broker_url = broker_url
         self.store = store
         self.queues = queues
@@ -146,7 +146,7 @@ class Coordinator:
                     pass
 
     async def _watch_liveness(self) -> None:
-        """Mark agents stale or offline as their heartbeats stop, and log each change."""
+        """Mark agents stale or offline as their heartbeats stop; log each change."""
         while True:
             try:
                 changes = await asyncio.to_thread(self.store.mark_liveness)
@@ -167,7 +167,9 @@ class Coordinator:
                 await session.declare_queue(
                     COORDINATOR_DEAD_LETTERS_QUEUE, arguments={"x-queue-type": "quorum"}
                 )
-                await session.bind(COORDINATOR_DEAD_LETTERS_QUEUE, DEAD_LETTER_EXCHANGE, "")
+                await session.bind(
+                    COORDINATOR_DEAD_LETTERS_QUEUE, DEAD_LETTER_EXCHANGE, ""
+                )
             await session.set_prefetch(PREFETCH)
             queues = [self.queues.records, self.queues.heartbeats]
             if self.queues.dead_letters is not None:
@@ -355,8 +357,10 @@ class Coordinator:
 
     # --- dead letters -----------------------------------------------------------
 
-    async def _handle_dead_letter(self, session: AmqpSession, delivery: Delivery) -> None:
-        """End or publish again a job past its delivery limit; ignore other dead letters.
+    async def _handle_dead_letter(
+        self, session: AmqpSession, delivery: Delivery
+    ) -> None:
+        """End or publish again a job past its delivery limit; ack other dead letters.
 
         A message rejected by an agent already has its result, so only messages
         dead-lettered for the delivery limit need a decision.
@@ -372,7 +376,9 @@ class Coordinator:
         placement = place(job.resources, offers_for_queue(agents, queue))
         rounds = _requeue_rounds(delivery)
         if placement.fitting and rounds < MAX_REQUEUE_ROUNDS:
-            task = asyncio.create_task(self._publish_again(session, delivery, job, rounds))
+            task = asyncio.create_task(
+                self._publish_again(session, delivery, job, rounds)
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
@@ -385,7 +391,9 @@ class Coordinator:
         except SessionError as exc:
             # The dead letter stays unacked, so the broker delivers it again after
             # the reconnect and the job still gets its result.
-            logger.warning("result of unschedulable job %s not published: %s", job.job_id, exc)
+            logger.warning(
+                "result of unschedulable job %s not published: %s", job.job_id, exc
+            )
             return
         session.ack(delivery.delivery_tag)
 
@@ -432,7 +440,10 @@ class Coordinator:
             result.status.value, {}, body,
         )
         if not recorded:
-            logger.info("job %s already has a recorded result; not publishing another", job.job_id)
+            logger.info(
+                "job %s already has a recorded result; not publishing another",
+                job.job_id,
+            )
             return
         await session.publish(RESULTS_EXCHANGE, result_routing_key(job.job_id), body)
 
@@ -461,7 +472,7 @@ def _requeue_rounds(delivery: Delivery) -> int:
 def _read_job(body: bytes) -> JobSpec | None:
     """Read a dead-lettered job without checking its signature.
 
-    NOTE: the coordinator holds no job-signing trust, so it reads the job unverified.
+    NOTE: the coordinator has no job-signing trust, so it reads the job unverified.
     Only admins can publish jobs, and the worst a forged one can do here is to end
     its own job id with a failed result or to be published again.
     """

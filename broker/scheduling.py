@@ -2,10 +2,10 @@
 
 A job reaches the coordinator this way after its queue's delivery limit, because
 every agent that received it gave it back (docs/scheduling.md). The coordinator then
-compares the job's request with the fleet registry: when some approved agent that
-serves the job's queue offers enough, the job is published again after a delay;
-when none does, the job ends with a failed result that states the request and the
-largest offer seen. This module holds the decision and its wording, without I/O.
+compares the job's request with the fleet registry. When some approved agent that
+serves the job's queue offers enough, the job is published again after a delay.
+When none does, the job ends with a failed result that states the request and the
+largest offer seen. This module contains the decision and its wording, without I/O.
 """
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ class Placement:
     largest_missing: tuple[str, ...]
 
 
-def offers_for_queue(agents: Iterable[Mapping[str, Any]], queue: str) -> list[AgentOffer]:
+def offers_for_queue(
+    agents: Iterable[Mapping[str, Any]], queue: str
+) -> list[AgentOffer]:
     """Return the offers of approved agents that consume `queue`."""
     return [
         AgentOffer.from_row(agent)
@@ -109,7 +111,9 @@ def offers_for_queue(agents: Iterable[Mapping[str, Any]], queue: str) -> list[Ag
 
 def place(request: Resources, offers: Sequence[AgentOffer]) -> Placement:
     fitting = tuple(
-        offer for offer in offers if offer.fleet_state != "offline" and not offer.missing(request)
+        offer
+        for offer in offers
+        if offer.fleet_state != "offline" and not offer.missing(request)
     )
     if not offers:
         return Placement(fitting, None, ())

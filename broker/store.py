@@ -87,7 +87,9 @@ STALE_AFTER_MISSED = 3
 OFFLINE_AFTER_MISSED = 10
 
 
-def fleet_state(state: str, last_seen: datetime, interval_s: float, now: datetime) -> str:
+def fleet_state(
+    state: str, last_seen: datetime, interval_s: float, now: datetime
+) -> str:
     """Return "stale" or "offline" from the heartbeats missed, else the reported state.
 
     An agent that sent its last heartbeat on stop stays "stopped".
@@ -151,7 +153,7 @@ class Store:
         return row[0] if row else None
 
     def upsert_registration(self, fields: dict[str, object]) -> None:
-        """Store a registration (`Registration.model_dump(mode="json")`, less its token)."""
+        """Store a registration: `Registration.model_dump(mode="json")`, no token."""
         row = dict(fields)
         row["host"] = {name: row.pop(name, None) for name in HOST_FIELDS}
         row.setdefault("heartbeat_interval_s", 10.0)
@@ -164,14 +166,15 @@ class Store:
                 " registered_at, last_seen, heartbeat_interval_s, capacity, free, host,"
                 " liveness) VALUES (:agent_id, :site, :public_key,"
                 " :version, :cpu_cores, :memory_bytes, :gpus, :queues, :slots, 'serving',"
-                " :free_slots, :running_jobs, :at, :at, :heartbeat_interval_s, :capacity,"
-                " :free, :host, 'live')"
+                " :free_slots, :running_jobs, :at, :at, :heartbeat_interval_s,"
+                " :capacity, :free, :host, 'live')"
                 " ON CONFLICT (agent_id) DO UPDATE SET site = excluded.site,"
                 " version = excluded.version, cpu_cores = excluded.cpu_cores,"
                 " memory_bytes = excluded.memory_bytes, gpus = excluded.gpus,"
                 " queues = excluded.queues, slots = excluded.slots, state = 'serving',"
                 " free_slots = excluded.free_slots, running_jobs = excluded.running_jobs,"
-                " registered_at = excluded.registered_at, last_seen = excluded.last_seen,"
+                " registered_at = excluded.registered_at,"
+                " last_seen = excluded.last_seen,"
                 " heartbeat_interval_s = excluded.heartbeat_interval_s,"
                 " capacity = excluded.capacity, free = excluded.free,"
                 " host = excluded.host, liveness = 'live'",
@@ -192,8 +195,9 @@ class Store:
         """Store a heartbeat; `capacity` and `free` are kept when it carries none."""
         with self._lock:
             cursor = self._db.execute(
-                "UPDATE agents SET state = ?, free_slots = ?, running_jobs = ?, last_seen = ?,"
-                " capacity = COALESCE(?, capacity), free = COALESCE(?, free),"
+                "UPDATE agents SET state = ?, free_slots = ?, running_jobs = ?,"
+                " last_seen = ?, capacity = COALESCE(?, capacity),"
+                " free = COALESCE(?, free),"
                 " liveness = 'live' WHERE agent_id = ?",
                 (
                     state,
@@ -209,7 +213,7 @@ class Store:
         return cursor.rowcount == 1
 
     def agents(self, now: datetime | None = None) -> list[dict[str, object]]:
-        """Return every agent, with `fleet_state` computed for `now` (default: the clock)."""
+        """Return every agent, with `fleet_state` computed for `now` (default: now)."""
         now = now or datetime.now(UTC)
         with self._lock:
             cursor = self._db.execute("SELECT * FROM agents ORDER BY site, agent_id")
@@ -231,17 +235,19 @@ class Store:
         return agents
 
     def mark_liveness(self, now: datetime | None = None) -> list[tuple[str, str, str]]:
-        """Store each agent's liveness for `now`; return (agent_id, old, new) changes."""
+        """Store each agent's liveness for `now`; return the (agent_id, old, new)."""
         changes = []
         for agent in self.agents(now):
             state = str(agent["fleet_state"])
             liveness = state if state in (STALE, OFFLINE) else LIVE
             if liveness != agent["liveness"]:
-                changes.append((str(agent["agent_id"]), str(agent["liveness"]), liveness))
+                old = str(agent["liveness"])
+                changes.append((str(agent["agent_id"]), old, liveness))
         with self._lock:
             for agent_id, _old, liveness in changes:
                 self._db.execute(
-                    "UPDATE agents SET liveness = ? WHERE agent_id = ?", (liveness, agent_id)
+                    "UPDATE agents SET liveness = ? WHERE agent_id = ?",
+                    (liveness, agent_id),
                 )
             self._db.commit()
         return changes

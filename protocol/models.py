@@ -134,7 +134,9 @@ class Resources(Model):
     gpu_memory_mb: Annotated[int, Field(gt=0, le=16 * 1024 * 1024)] | None = None
     # A GPU model that the name NVML reports must contain, case-insensitively,
     # such as "A100" or "H100 80GB".
-    gpu_model: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    gpu_model: (
+        Annotated[str, StringConstraints(min_length=1, max_length=128)] | None
+    ) = None
 
 
 class JobSpec(Model):

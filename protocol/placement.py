@@ -76,7 +76,7 @@ def unit_matches(unit: GpuUnit, request: Resources) -> bool:
 def shortfalls(
     request: Resources, cpus: float, memory_bytes: int, units: Sequence[GpuUnit]
 ) -> list[str]:
-    """Return what the amounts lack for the request, one phrase each; empty when it fits."""
+    """Return what the amounts lack for the request, one phrase each (none: it fits)."""
     missing = []
     # A hundredth of a core absorbs float rounding in sums of fractional requests.
     if request.cpus > cpus + 0.005:
@@ -86,7 +86,9 @@ def shortfalls(
     if request.gpus:
         matching = sum(1 for unit in units if unit_matches(unit, request))
         if matching < request.gpus:
-            missing.append(f"gpus {request.gpus} > {matching} {describe_gpu_kind(request)}")
+            missing.append(
+                f"gpus {request.gpus} > {matching} {describe_gpu_kind(request)}"
+            )
     return missing
 
 

@@ -90,7 +90,7 @@ class FakeGpu:
     memory_free: int = 39 * 2**30
     compute_capability: tuple[int, int] = (8, 0)
     mig_mode: tuple[int, int] | None = (0, 0)
-    # MIG slot index to device; slots missing here answer NVML_ERROR_NOT_FOUND.
+    # MIG slot index to device; NVML raises NVML_ERROR_NOT_FOUND for other slots.
     mig_devices: dict[int, FakeMigDevice] = field(default_factory=dict)
     max_mig_devices: int = 7
     errors: dict[str, int] = field(default_factory=dict)
@@ -190,7 +190,9 @@ class FakeNvml(types.ModuleType):
         assert isinstance(handle.device, FakeGpu)
         return handle.device.max_mig_devices
 
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: _Handle, index: int) -> _Handle:
+    def nvmlDeviceGetMigDeviceHandleByIndex(
+        self, handle: _Handle, index: int
+    ) -> _Handle:
         self._check("nvmlDeviceGetMigDeviceHandleByIndex", handle.device)
         assert isinstance(handle.device, FakeGpu)
         device = handle.device.mig_devices.get(index)

@@ -84,16 +84,22 @@ async def isolated(amqp):
         dead_letters=f"fairu-tests.dead-{marker}",
     )
     await amqp.declare_exchange(dead_letter_exchange, "fanout", durable=False)
+    # The queues expire on their own should this fixture's cleanup never run.
     expiring = {"x-expires": 15 * 60 * 1000}
     for name in (queues.records, queues.heartbeats, queues.dead_letters):
         await amqp.declare_queue(name, durable=False, arguments=expiring)
+
     await amqp.bind(queues.dead_letters, dead_letter_exchange, "")
     await amqp.bind(queues.records, RESULTS_EXCHANGE, "result.#")
     await amqp.bind(queues.records, EVENTS_EXCHANGE, "agent.registration.#")
     await amqp.bind(queues.heartbeats, EVENTS_EXCHANGE, "agent.heartbeat.#")
+
     await amqp.declare_queue(
         competition.amqp_queue,
-        arguments={**job_queue_arguments(), "x-dead-letter-exchange": dead_letter_exchange},
+        arguments={
+            **job_queue_arguments(),
+            "x-dead-letter-exchange": dead_letter_exchange,
+        },
     )
     await amqp.bind(
         competition.amqp_queue,
@@ -101,16 +107,24 @@ async def isolated(amqp):
         job_routing_key(competition.name, competition.queue),
     )
     yield competition, queues
+
     if amqp.is_open:
         for name in (competition.amqp_queue, *vars(queues).values()):
             await amqp.delete_queue(name)
+        deleted = asyncio.get_running_loop().create_future()
+        amqp.channel.exchange_delete(
+            exchange=dead_letter_exchange, callback=deleted.set_result
+        )
+        await asyncio.wait_for(deleted, 10)
 
 
 @pytest.fixture
 async def coordinator(broker_url, tmp_path, isolated):
     _, queues = isolated
     store = Store(tmp_path / "coordinator.sqlite")
-    service = Coordinator(broker_url, store, queues=queues, requeue_delay=lambda _r: 0.5)
+    service = Coordinator(
+        broker_url, store, queues=queues, requeue_delay=lambda _r: 0.5
+    )
     task = asyncio.create_task(service.run())
     yield service
     service.stopping.set()
@@ -132,20 +146,26 @@ async def start_approved(coordinator, competition, start_agent, **options):
         competition, agent_extra=f'enrollment_token = "{token}"', **options
     )
     rows = await wait_for(
-        lambda: [a for a in our_agents(coordinator, competition) if a["approval"] == "approved"],
+        lambda: [
+            a
+            for a in our_agents(coordinator, competition)
+            if a["approval"] == "approved"
+        ],
         what="the agent's registration",
     )
     return agent, rows[0]
 
 
-# --- the never-fits path ----------------------------------------------------------------
+# --- the never-fits path --------------------------------------------------------------
 
 
 async def test_never_fitting_job_fails_with_offer(
     coordinator, isolated, start_agent, signing_key, publish, results
 ):
     competition, _ = isolated
-    agent, row = await start_approved(coordinator, competition, start_agent, runner="null")
+    agent, row = await start_approved(
+        coordinator, competition, start_agent, runner="null"
+    )
 
     job = build_job(competition, resources=Resources(cpus=1, gpus=2, gpu_model="A100"))
     await publish(competition, signing_key.sign(job))
@@ -165,7 +185,9 @@ async def test_never_fitting_job_fails_with_offer(
     # The agent returned the job once per delivery until the delivery limit.
     returns = agent.log().count(f"job {job.job_id} can never start")
     assert returns == DELIVERY_LIMIT + 1, agent.log()
-    assert f"delivery {DELIVERY_LIMIT + 1} of at most {DELIVERY_LIMIT + 1}" in agent.log()
+    assert (
+        f"delivery {DELIVERY_LIMIT + 1} of at most {DELIVERY_LIMIT + 1}" in agent.log()
+    )
 
     # The agent still serves jobs that fit.
     fitting = build_job(competition)
@@ -173,7 +195,7 @@ async def test_never_fitting_job_fails_with_offer(
     assert (await results.wait(fitting.job_id)).status is FinalStatus.SUCCEEDED
 
 
-# --- fleet ------------------------------------------------------------------------------
+# --- fleet ----------------------------------------------------------------------------
 
 
 async def test_fleet_states_after_missed_heartbeats(
@@ -197,14 +219,35 @@ async def test_fleet_states_after_missed_heartbeats(
     assert stored["host"]["usable_cpus"] > 0
 
     table = subprocess.run(
-        [sys.executable, "-m", "fairu.broker.admin", "agents", "--db",
-         str(coordinator.store.path), "list"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            "-m",
+            "fairu.broker.admin",
+            "agents",
+            "--db",
+            str(coordinator.store.path),
+            "list",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     header, *lines = table.splitlines()
     assert header.split() == [
-        "SITE", "AGENT", "APPROVAL", "STATE", "CORES", "FREE/TOTAL", "MEMORY",
-        "FREE/TOTAL", "GPUS", "FREE/TOTAL", "RUNNING", "LAST", "SEEN",
+        "SITE",
+        "AGENT",
+        "APPROVAL",
+        "STATE",
+        "CORES",
+        "FREE/TOTAL",
+        "MEMORY",
+        "FREE/TOTAL",
+        "GPUS",
+        "FREE/TOTAL",
+        "RUNNING",
+        "LAST",
+        "SEEN",
     ]
     (line,) = [line for line in lines if agent_id in line]
     cells = line.split()
@@ -214,9 +257,20 @@ async def test_fleet_states_after_missed_heartbeats(
     assert cells[8] == "0"
 
     listing = subprocess.run(
-        [sys.executable, "-m", "fairu.broker.admin", "agents", "--db",
-         str(coordinator.store.path), "list", "--json"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            "-m",
+            "fairu.broker.admin",
+            "agents",
+            "--db",
+            str(coordinator.store.path),
+            "list",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     (entry,) = [a for a in json.loads(listing) if a["agent_id"] == agent_id]
     assert entry["fleet_state"] == "serving"
@@ -232,22 +286,28 @@ async def test_fleet_states_after_missed_heartbeats(
         began = time.monotonic()
         assert await wait_for(lambda: state() == "stale", timeout_s=20, what="stale")
         stale_after = time.monotonic() - began
-        assert await wait_for(lambda: state() == "offline", timeout_s=30, what="offline")
+        assert await wait_for(
+            lambda: state() == "offline", timeout_s=30, what="offline"
+        )
         offline_after = time.monotonic() - began
         # The coordinator's sweep stores what fleet_state computes, once a second.
-        assert await wait_for(lambda: liveness() == "offline", timeout_s=5, what="stored")
+        assert await wait_for(
+            lambda: liveness() == "offline", timeout_s=5, what="stored"
+        )
     finally:
         agent.process.send_signal(signal.SIGCONT)
     assert 2.0 < stale_after < 8.0
     assert 9.0 < offline_after < 16.0
 
-    assert await wait_for(lambda: state() == "serving", timeout_s=20, what="serving again")
+    assert await wait_for(
+        lambda: state() == "serving", timeout_s=20, what="serving again"
+    )
 
     assert agent.stop() == 0
     assert await wait_for(lambda: state() == "stopped", what="the last heartbeat")
 
 
-# --- prefetch ---------------------------------------------------------------------------
+# --- prefetch -------------------------------------------------------------------------
 
 
 @pytest.mark.podman
@@ -258,8 +318,12 @@ async def test_agent_holds_no_job_it_cannot_start(
     jobs = [
         build_job(
             competition,
-            command=["python3", "-c", "import time; time.sleep(8); "
-                     "open('/output/scores.json', 'w').write('{}')"],
+            command=[
+                "python3",
+                "-c",
+                "import time; time.sleep(8); "
+                "open('/output/scores.json', 'w').write('{}')",
+            ],
         )
         for _ in range(4)
     ]
@@ -296,8 +360,11 @@ async def test_gate_prefetch_follows_free_gpus(
 ):
     report = probe_gpus(fake_nvml([fake_gpu("GPU-g0"), fake_gpu("GPU-g1")]))
     capacity = Capacity(
-        cpu_cores=8, usable_cpus=8.0, memory_bytes=32 * GIB,
-        memory_available_bytes=30 * GIB, gpus=report.gpus,
+        cpu_cores=8,
+        usable_cpus=8.0,
+        memory_bytes=32 * GIB,
+        memory_available_bytes=30 * GIB,
+        gpus=report.gpus,
     )
     admission = Admission(build_offer(capacity, 4, ResourcesSection()))
     deliveries: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -345,7 +412,7 @@ async def test_gate_prefetch_follows_free_gpus(
     gate.settled(wide_delivery)
     await asyncio.sleep(0.5)
     assert deliveries.empty()
-    # A quorum queue counts a cancelled consumer while it holds unacked messages,
+    # A quorum queue counts a cancelled consumer while it has unacked messages,
     # so only the ready count is checked.
     ready, _consumers = await queue_counts(amqp, competition.amqp_queue)
     assert ready == 1
@@ -358,15 +425,20 @@ async def test_gate_prefetch_follows_free_gpus(
     assert again_job.job_id == wide.job_id
     assert again.delivery_count == 1
     assert gate.decide(again_job, again).verdict is Verdict.START
-    assert {unit.uuid for unit in admission.grant(wide.job_id).units} == {"GPU-g0", "GPU-g1"}
+    assert {unit.uuid for unit in admission.grant(wide.job_id).units} == {
+        "GPU-g0",
+        "GPU-g1",
+    }
     amqp.ack(again.delivery_tag)
     gate.stop()
 
 
-# --- health -----------------------------------------------------------------------------
+# --- health ---------------------------------------------------------------------------
 
 
-async def test_metrics_and_healthz(competition, start_agent, signing_key, publish, results):
+async def test_metrics_and_healthz(
+    competition, start_agent, signing_key, publish, results
+):
     agent = start_agent(competition, runner="null", slots=3)
     good = build_job(competition)
     expired = build_job(
@@ -398,7 +470,11 @@ async def test_metrics_and_healthz(competition, start_agent, signing_key, publis
             await asyncio.sleep(0.2)
 
     assert content_type.startswith("text/plain; version=0.0.4")
-    assert health == {"broker_connected": True, "podman_reachable": True, "status": "ok"}
+    assert health == {
+        "broker_connected": True,
+        "podman_reachable": True,
+        "status": "ok",
+    }
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.broker
 async def coordinator(broker_url, tmp_path):
     store = Store(tmp_path / "coordinator.sqlite")
     # Reading no dead letters keeps this coordinator from ending other tests' jobs.
-    service = Coordinator(broker_url, store, queues=CoordinatorQueues(dead_letters=None))
+    queues = CoordinatorQueues(dead_letters=None)
+    service = Coordinator(broker_url, store, queues=queues)
     task = asyncio.create_task(service.run())
     yield service
     service.stopping.set()

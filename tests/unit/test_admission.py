@@ -75,17 +75,25 @@ def test_offer_units_and_reservations(four_gpus, caplog):
 
 def test_mig_reserved_by_indices(four_gpus):
     admission = make_admission(four_gpus, reserve_gpus=["3:1", "0"])
-    assert [unit.uuid for unit in admission.offer.units] == ["GPU-a1", "GPU-h2", "MIG-m3-0"]
+    assert [unit.uuid for unit in admission.offer.units] == [
+        "GPU-a1",
+        "GPU-h2",
+        "MIG-m3-0",
+    ]
 
 
 @pytest.mark.parametrize(
     "request_fields, missing",
     [
         pytest.param({"cpus": 32.0}, "cpus 32 > 16", id="cpus"),
-        pytest.param({"memory_mb": 128 * 1024}, "memory_mb 131072 > 65536", id="memory"),
+        pytest.param(
+            {"memory_mb": 128 * 1024}, "memory_mb 131072 > 65536", id="memory"
+        ),
         pytest.param({"gpus": 6}, "gpus 6 > 5 available", id="gpu-count"),
         pytest.param(
-            {"gpus": 2, "gpu_model": "H100"}, "gpus 2 > 1 matching model 'H100'", id="model"
+            {"gpus": 2, "gpu_model": "H100"},
+            "gpus 2 > 1 matching model 'H100'",
+            id="model",
         ),
         pytest.param(
             {"gpus": 1, "gpu_memory_mb": 100 * 1024},
@@ -201,7 +209,9 @@ async def test_concurrent_jobs_share_no_gpu(four_gpus):
             await released.wait()
         try:
             for unit in decision.grant.units:
-                assert unit.uuid not in in_use, f"{unit.uuid} given to {in_use.get(unit.uuid)}"
+                assert unit.uuid not in in_use, (
+                    f"{unit.uuid} given to {in_use.get(unit.uuid)}"
+                )
                 in_use[unit.uuid] = job_id
             assert len(decision.grant.units) == request.gpus
             started.append(job_id)

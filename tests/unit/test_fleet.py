@@ -44,8 +44,18 @@ def registration(agent_id: str, gpus: list[GpuInfo], capacity_gpus: list[str], *
         "driver_version": "550.54.15",
         "cuda_version": "12.4",
         "heartbeat_interval_s": 10.0,
-        "capacity": {"cpus": 15.0, "memory_bytes": 60 * GIB, "gpus": capacity_gpus, "slots": 4},
-        "free": {"cpus": 15.0, "memory_bytes": 60 * GIB, "gpus": capacity_gpus, "slots": 4},
+        "capacity": {
+            "cpus": 15.0,
+            "memory_bytes": 60 * GIB,
+            "gpus": capacity_gpus,
+            "slots": 4,
+        },
+        "free": {
+            "cpus": 15.0,
+            "memory_bytes": 60 * GIB,
+            "gpus": capacity_gpus,
+            "slots": 4,
+        },
     }
     fields.update(extra)
     return fields
@@ -53,16 +63,25 @@ def registration(agent_id: str, gpus: list[GpuInfo], capacity_gpus: list[str], *
 
 def a100(index: int, uuid: str) -> GpuInfo:
     return GpuInfo(
-        index=index, uuid=uuid, name="NVIDIA A100-SXM4-40GB", memory_total_bytes=40 * GIB
+        index=index,
+        uuid=uuid,
+        name="NVIDIA A100-SXM4-40GB",
+        memory_total_bytes=40 * GIB,
     )
 
 
 def job(**resources) -> JobSpec:
     now = utc_now()
     return JobSpec(
-        job_id="job-1", competition="higgs", queue="gpu", submission_id="s",
-        image="localhost/x:1", command=["true"], resources=Resources(**resources),
-        created_at=now, expires_at=now + timedelta(hours=1),
+        job_id="job-1",
+        competition="higgs",
+        queue="gpu",
+        submission_id="s",
+        image="localhost/x:1",
+        command=["true"],
+        resources=Resources(**resources),
+        created_at=now,
+        expires_at=now + timedelta(hours=1),
     )
 
 
@@ -94,9 +113,13 @@ def test_stopped_agent_stays_stopped():
 def test_liveness_changes_reported(store):
     store.upsert_registration(registration("eu1-a", [], []))
     assert store.mark_liveness(T0 + timedelta(seconds=5)) == []
-    assert store.mark_liveness(T0 + timedelta(seconds=40)) == [("eu1-a", "live", "stale")]
+    assert store.mark_liveness(T0 + timedelta(seconds=40)) == [
+        ("eu1-a", "live", "stale")
+    ]
     assert store.mark_liveness(T0 + timedelta(seconds=41)) == []
-    assert store.mark_liveness(T0 + timedelta(seconds=200)) == [("eu1-a", "stale", "offline")]
+    assert store.mark_liveness(T0 + timedelta(seconds=200)) == [
+        ("eu1-a", "stale", "offline")
+    ]
     later = (T0 + timedelta(seconds=201)).isoformat()
     assert store.update_heartbeat("eu1-a", "draining", 4, [], later)
     (agent,) = store.agents(T0 + timedelta(seconds=202))
@@ -110,14 +133,16 @@ def test_old_database_gains_columns(tmp_path):
     with sqlite3.connect(path) as db:
         db.execute(
             "CREATE TABLE agents (agent_id TEXT PRIMARY KEY, site TEXT NOT NULL,"
-            " public_key TEXT NOT NULL, version TEXT NOT NULL, cpu_cores INTEGER NOT NULL,"
+            " public_key TEXT NOT NULL, version TEXT NOT NULL,"
+            " cpu_cores INTEGER NOT NULL,"
             " memory_bytes INTEGER NOT NULL, gpus TEXT NOT NULL, queues TEXT NOT NULL,"
             " slots INTEGER NOT NULL, state TEXT NOT NULL, free_slots INTEGER NOT NULL,"
             " running_jobs TEXT NOT NULL, registered_at TEXT NOT NULL,"
             " last_seen TEXT NOT NULL)"
         )
         db.execute(
-            "INSERT INTO agents VALUES ('eu1-old', 'eu1', 'AAAA', '0.1.0', 8, 1024, '[]',"
+            "INSERT INTO agents VALUES ('eu1-old', 'eu1', 'AAAA', '0.1.0', 8, 1024,"
+            " '[]',"
             " '[]', 2, 'serving', 2, '[]', ?, ?)",
             (T0.isoformat(), T0.isoformat()),
         )
@@ -134,9 +159,13 @@ def test_old_database_gains_columns(tmp_path):
 
 
 def test_place_finds_fitting_agent(store):
-    store.upsert_registration(registration("eu1-small", [a100(0, "GPU-s0")], ["GPU-s0"]))
     store.upsert_registration(
-        registration("eu1-big", [a100(0, "GPU-b0"), a100(1, "GPU-b1")], ["GPU-b0", "GPU-b1"])
+        registration("eu1-small", [a100(0, "GPU-s0")], ["GPU-s0"])
+    )
+    store.upsert_registration(
+        registration(
+            "eu1-big", [a100(0, "GPU-b0"), a100(1, "GPU-b1")], ["GPU-b0", "GPU-b1"]
+        )
     )
     for agent_id in ("eu1-small", "eu1-big"):
         store.set_approval(agent_id, "approved")
@@ -198,16 +227,25 @@ def test_requeue_delay_grows_and_caps():
 
 def test_agents_table_groups_gpus(store):
     mig = GpuInfo(
-        index=1, uuid="GPU-m1", name="NVIDIA A100-SXM4-40GB", mig_enabled=True,
+        index=1,
+        uuid="GPU-m1",
+        name="NVIDIA A100-SXM4-40GB",
+        mig_enabled=True,
         mig_devices=[
-            MigDeviceInfo(index=0, uuid="MIG-a", name="NVIDIA A100-SXM4-40GB MIG 1g.5gb"),
-            MigDeviceInfo(index=1, uuid="MIG-b", name="NVIDIA A100-SXM4-40GB MIG 1g.5gb"),
+            MigDeviceInfo(
+                index=0, uuid="MIG-a", name="NVIDIA A100-SXM4-40GB MIG 1g.5gb"
+            ),
+            MigDeviceInfo(
+                index=1, uuid="MIG-b", name="NVIDIA A100-SXM4-40GB MIG 1g.5gb"
+            ),
         ],
     )
     offered = ["GPU-t0", "MIG-a", "MIG-b"]
     store.upsert_registration(
         registration(
-            "eu1-t", [a100(0, "GPU-t0"), mig], offered,
+            "eu1-t",
+            [a100(0, "GPU-t0"), mig],
+            offered,
             free={"cpus": 3.5, "memory_bytes": 20 * GIB, "gpus": ["MIG-b"], "slots": 1},
         )
     )
@@ -226,8 +264,12 @@ def test_agents_table_groups_gpus(store):
 @pytest.mark.parametrize(
     "queue, gpus, error",
     [
-        pytest.param("cpu", 1, "requests gpus = 1 in resource class 'cpu'", id="gpu-in-cpu"),
-        pytest.param("gpu-large", 0, "names GPU resource class 'gpu-large'", id="cpu-in-gpu"),
+        pytest.param(
+            "cpu", 1, "requests gpus = 1 in resource class 'cpu'", id="gpu-in-cpu"
+        ),
+        pytest.param(
+            "gpu-large", 0, "names GPU resource class 'gpu-large'", id="cpu-in-gpu"
+        ),
         pytest.param("gpu", 2, None, id="gpu"),
         pytest.param("cpu", 0, None, id="cpu"),
         pytest.param("bigmem", 0, None, id="other-class"),

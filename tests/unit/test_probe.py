@@ -1,4 +1,4 @@
-"""The capacity probe: GPUs through a stand-in for pynvml, cgroup limits from their text."""
+"""The capacity probe: GPUs through a stand-in for pynvml, cgroup limits from text."""
 
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def test_unsupported_fields_left_out(fake_nvml, fake_gpu):
         },
     )
     nvml = fake_nvml(
-        [gpu], errors={"nvmlSystemGetCudaDriverVersion": pynvml.NVML_ERROR_FUNCTION_NOT_FOUND}
+        [gpu],
+        errors={"nvmlSystemGetCudaDriverVersion": pynvml.NVML_ERROR_FUNCTION_NOT_FOUND},
     )
     report = probe_gpus(nvml)
 
@@ -213,7 +214,9 @@ def test_no_gpus_logs_once(fake_nvml, caplog):
     with caplog.at_level(logging.INFO, logger="fairu.agent.probe"):
         report = probe_gpus(fake_nvml([]))
     assert report.gpus == []
-    assert [r.getMessage() for r in caplog.records] == ["no GPUs reported: NVML found none"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "no GPUs reported: NVML found none"
+    ]
 
 
 @pytest.mark.skipif(
