@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from fairu.agent.session import AmqpSession, Delivery, SessionError
+from fairu.agent.session import AmqpSession, Delivery, PublishFailed, SessionError
 from fairu.logs import configure_logging
 from fairu.protocol.errors import ConfigError, ErrorCode, RejectedError
 from fairu.protocol.models import (
@@ -415,6 +415,20 @@ class Coordinator:
                 mandatory=True,
                 headers={REQUEUE_ROUNDS_HEADER: rounds + 1},
             )
+        except PublishFailed as exc:
+            if not exc.permanent:
+                logger.warning("job %s not published again: %s", job.job_id, exc)
+                return
+            # No queue is bound for the job any more, so it can never run.
+            queue = job_queue_name(job.competition, job.queue)
+            try:
+                await self._fail_job(
+                    session, job, f"job {job.job_id} cannot be published again: {exc}"
+                )
+            except SessionError as error:
+                logger.warning("job %s has no result yet: %s", job.job_id, error)
+                return
+            logger.warning("job %s ended because %s is gone", job.job_id, queue)
         except SessionError as exc:
             logger.warning("job %s not published again: %s", job.job_id, exc)
             return

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+)
 
 PROTOCOL_VERSION = 1
 
@@ -137,6 +145,16 @@ class Resources(Model):
     gpu_model: (
         Annotated[str, StringConstraints(min_length=1, max_length=128)] | None
     ) = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_gpu_conditions(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Agents of the first release reject unknown fields, so a job that sets
+        # neither condition is serialized exactly as those agents expect.
+        data = handler(self)
+        for name in ("gpu_memory_mb", "gpu_model"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class JobSpec(Model):

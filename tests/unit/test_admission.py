@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
+from datetime import UTC, datetime, timedelta
 
 import pynvml
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from fairu.agent.admission import Admission, Verdict, build_offer, cdi_device_name
 from fairu.agent.config import ResourcesSection
 from fairu.agent.probe import probe_capacity
-from fairu.protocol.models import Resources
+from fairu.protocol.models import JobSpec, Resources
 
 GIB = 2**30
 
@@ -237,3 +239,25 @@ async def test_concurrent_jobs_share_no_gpu(four_gpus):
     assert len(admission.free_units()) == 5
     assert admission.free_slots() == 6
     assert admission.free_cpus() == 16.0
+
+
+def test_job_without_gpu_conditions_serializes_as_before():
+    now = datetime.now(UTC)
+    fields = {
+        "job_id": "job-1",
+        "competition": "higgs",
+        "queue": "cpu",
+        "submission_id": "s",
+        "image": "localhost/x:1",
+        "command": ["true"],
+        "created_at": now,
+        "expires_at": now + timedelta(hours=1),
+    }
+    plain = json.loads(JobSpec(**fields).model_dump_json())
+    assert set(plain["resources"]) == {"cpus", "memory_mb", "gpus", "walltime_s"}
+
+    conditioned = JobSpec(**fields, resources=Resources(gpus=1, gpu_model="A100"))
+    data = json.loads(conditioned.model_dump_json())
+    assert data["resources"]["gpu_model"] == "A100"
+    assert "gpu_memory_mb" not in data["resources"]
+    assert JobSpec.model_validate_json(conditioned.model_dump_json()) == conditioned
