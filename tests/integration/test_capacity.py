@@ -195,6 +195,46 @@ async def test_never_fitting_job_fails_with_offer(
     assert (await results.wait(fitting.job_id)).status is FinalStatus.SUCCEEDED
 
 
+async def test_busy_job_published_again(
+    coordinator, isolated, start_agent, signing_key, publish, amqp
+):
+    competition, _ = isolated
+    agent, row = await start_approved(
+        coordinator, competition, start_agent, runner="null"
+    )
+    # The agent that fits stops, so the test itself plays a busy agent.
+    assert agent.stop() == 0
+    await wait_for(
+        lambda: our_agents(coordinator, competition)[0]["fleet_state"] == "stopped",
+        what="the stopped agent",
+    )
+
+    job = build_job(competition)
+    body = signing_key.sign(job)
+    await publish(competition, body)
+    deliveries: asyncio.Queue[Delivery] = asyncio.Queue()
+    tag = await amqp.consume(competition.amqp_queue, deliveries.put_nowait)
+    try:
+        for count in range(DELIVERY_LIMIT + 1):
+            delivery = await asyncio.wait_for(deliveries.get(), 10)
+            assert delivery.delivery_count == count
+            assert delivery.body == body
+            amqp.nack(delivery.delivery_tag, requeue=True)
+
+        # The coordinator finds that the stopped agent offers enough and publishes
+        # the same signed job again, as a fresh message with the round counted.
+        again = await asyncio.wait_for(deliveries.get(), 30)
+        amqp.ack(again.delivery_tag)
+    finally:
+        await amqp.cancel(tag)
+    assert again.body == body
+    assert again.delivery_count == 0
+    assert again.properties.headers["x-fairu-requeue-rounds"] == 1
+    assert coordinator.store.result(job.job_id) is None
+    (stopped,) = our_agents(coordinator, competition)
+    assert stopped["agent_id"] == row["agent_id"]
+
+
 # --- fleet ----------------------------------------------------------------------------
 
 
