@@ -1,10 +1,12 @@
-"""`fairu-agent`: start the site agent from a site config."""
+"""`fairu-agent`: start the site agent from a site config, or show what it offers."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -15,8 +17,10 @@ from pathlib import Path
 from fairu.logs import configure_logging
 from fairu.protocol.errors import ConfigError
 
-from .config import load_config
+from .admission import build_offer, cdi_device_name
+from .config import ResourcesSection, load_config
 from .daemon import Agent, AgentError, build_runner
+from .probe import describe_capacity, probe_capacity
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     drain.add_argument(
         "--wait", type=float, default=0, help="seconds to wait for the agent to exit (default 0)"
     )
+    probe = commands.add_parser(
+        "probe", help="print the CPUs, memory, disk and GPUs the agent would offer"
+    )
+    probe.add_argument(
+        "--config", type=Path, help="site config whose reservations and state_dir apply"
+    )
+    probe.add_argument("--json", action="store_true", help="print JSON")
+    probe.add_argument("--log-level", default="INFO", help="default INFO")
     args = parser.parse_args(argv)
     if args.command == "drain":
         return _drain(args.config, args.wait)
     configure_logging(args.log_level)
+    if args.command == "probe":
+        return _probe(args.config, args.json)
 
     try:
         config = load_config(args.config)
@@ -105,6 +119,40 @@ def _locked_pid(pid_file: Path) -> int | None:
             return int(text) if text.isdigit() else None
         fcntl.flock(handle, fcntl.LOCK_UN)
         return None
+
+
+def _probe(config_path: Path | None, as_json: bool) -> int:
+    try:
+        config = load_config(config_path) if config_path else None
+    except ConfigError as exc:
+        print(f"fairu-agent: error: {exc}", file=sys.stderr)
+        return 2
+    scratch = config.agent.state_dir if config else Path.cwd()
+    if not scratch.exists():
+        scratch = Path.cwd()
+    capacity = probe_capacity(scratch)
+    resources = config.resources if config else ResourcesSection()
+    offer = build_offer(capacity, config.agent.slots if config else 1, resources)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "capacity": dataclasses.asdict(capacity)
+                    | {"gpus": [gpu.model_dump(mode="json") for gpu in capacity.gpus]},
+                    "offer": offer.amounts().model_dump(mode="json"),
+                    "cdi_devices": [
+                        cdi_device_name(unit, resources) for unit in offer.units
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(describe_capacity(capacity))
+    print(f"offer          {offer.describe()}")
+    for unit in offer.units:
+        print(f"  {cdi_device_name(unit, resources)}  {unit.name}")
+    return 0
 
 
 async def _start(agent: Agent) -> None:

@@ -24,7 +24,7 @@ from fairu.protocol.signing import (
     key_id_for,
     load_public_key_text,
 )
-from fairu.protocol.topology import job_queue_name
+from fairu.protocol.topology import class_needs_gpu, job_queue_name
 
 
 class Section(BaseModel):
@@ -76,7 +76,15 @@ class PolicySection(Section):
 
 class QueueSection(Section):
     competition: Name
+    # The queue's resource class, such as "cpu", "gpu" or "gpu-large".
     name: Name
+    # Whether the queue's jobs use GPUs, which bounds its prefetch by the free GPUs.
+    # Unset, it is true for classes whose name starts with "gpu".
+    gpu: bool | None = None
+
+    @property
+    def needs_gpu(self) -> bool:
+        return class_needs_gpu(self.name) if self.gpu is None else self.gpu
 
     @property
     def amqp_name(self) -> str:
@@ -109,6 +117,21 @@ class AgentSection(Section):
                 f"cannot read agent.enrollment_token_file {self.enrollment_token_file}: "
                 f"{exc.strerror}"
             ) from None
+
+
+class ResourcesSection(Section):
+    """Resources kept back from jobs, and how assigned GPUs are named to podman."""
+
+    reserve_cpus: Annotated[float, Field(ge=0)] = 0.0
+    reserve_memory_mb: Annotated[int, Field(ge=0)] = 0
+    # GPUs kept back: NVML indices (0), GPU or MIG UUIDs, or "GPU:MIG" indices ("0:1").
+    reserve_gpus: list[int | str] = []
+    # CDI device names as `nvidia-ctk cdi generate --device-name-strategy` makes
+    # them: "index" gives nvidia.com/gpu=0 (MIG: 0:1), "uuid" gives the UUID.
+    cdi_device_names: Literal["index", "uuid"] = "index"
+    cdi_kind: Annotated[str, Field(pattern=r"^[a-z0-9.-]+/[a-z0-9_.-]+$")] = (
+        "nvidia.com/gpu"
+    )
 
 
 class PodmanSection(Section):
@@ -166,6 +189,7 @@ class SiteConfig(Section):
     agent: AgentSection
     queues: Annotated[list[QueueSection], Field(min_length=1)]
     policy: PolicySection = PolicySection()
+    resources: ResourcesSection = ResourcesSection()
     runner: RunnerSection = RunnerSection()
 
     def root_key(self) -> Ed25519PublicKey | None:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import ModuleType
 
 import aiohttp
 
@@ -30,6 +31,7 @@ from fairu.protocol.models import (
     Heartbeat,
     JobSpec,
     Registration,
+    ResourceAmounts,
     RootChain,
     StatusEvent,
     utc_now,
@@ -47,8 +49,18 @@ from fairu.protocol.topology import (
 )
 from fairu.runners.base import Runner, RunnerUnavailable
 
+from .admission import (
+    Admission,
+    Decision,
+    PrefetchGate,
+    Verdict,
+    cdi_device_name,
+    log_give_back,
+    set_up_admission,
+)
 from .config import SiteConfig
 from .fetch import InputCache
+from .health import AgentMetrics, Gauges, HealthServer
 from .pipeline import JobPipeline, Outcome, PipelineSettings, message_digest
 from .probe import Capacity, probe_capacity
 from .session import AmqpSession, Delivery, SessionError
@@ -87,9 +99,17 @@ class _Stop:
 
 
 class Agent:
-    def __init__(self, config: SiteConfig, runner: Runner) -> None:
+    def __init__(
+        self, config: SiteConfig, runner: Runner, nvml: ModuleType | None = None
+    ) -> None:
+        """`nvml` replaces the pynvml module that the capacity probe uses."""
         self.config = config
         self.runner = runner
+        self._nvml = nvml
+        self.admission: Admission | None = None
+        self.gate: PrefetchGate | None = None
+        self.metrics = AgentMetrics()
+        self.health: HealthServer | None = None
         self.state = StateDir(config.agent.state_dir)
         self.identity: Identity | None = None
         self.capacity: Capacity | None = None
@@ -117,6 +137,8 @@ class Agent:
 
     @property
     def free_slots(self) -> int:
+        if self.admission is not None:
+            return self.admission.free_slots()
         return max(0, self.config.agent.slots - len(self.running))
 
     # --- lifecycle --------------------------------------------------------------
@@ -151,17 +173,10 @@ class Agent:
             timedelta(seconds=self.config.agent.clock_skew_s),
         )
         await asyncio.to_thread(self.trust.load)
-        self.capacity = await asyncio.to_thread(probe_capacity)
-        logger.info(
-            "agent %s starting: site %s, %d cores, %d MiB, %d GPUs, %d slots, queues %s",
-            self.agent_id,
-            self.config.site.name,
-            self.capacity.cpu_cores,
-            self.capacity.memory_bytes // 2**20,
-            len(self.capacity.gpus),
-            self.config.agent.slots,
-            ", ".join(q.amqp_name for q in self.config.queues),
+        self.capacity = await asyncio.to_thread(
+            probe_capacity, self.config.agent.state_dir, self._nvml
         )
+        self._set_up_admission(self.capacity)
         try:
             await self.runner.check()
         except RunnerUnavailable as exc:
@@ -187,11 +202,29 @@ class Agent:
                 self.runner,
                 self,
             )
+            self.health = HealthServer(
+                self.config.agent.health_listen,
+                self.metrics,
+                self._gauges,
+                self.runner.check,
+            )
+            await self.health.start()
             try:
                 await self._serve_until_stopped()
             finally:
                 await self._shutdown()
+                await self.health.stop()
         logger.info("agent %s stopped", self.agent_id)
+
+    def _set_up_admission(self, capacity: Capacity) -> None:
+        self.admission, self.gate = set_up_admission(
+            self.config, capacity, self._on_delivery, self.agent_id
+        )
+
+    def _gauges(self) -> Gauges:
+        assert self.admission is not None
+        connected = self.session is not None and self.session.is_open
+        return Gauges.of(self.admission, len(self.running), connected)
 
     async def _serve_until_stopped(self) -> None:
         attempt = 0
@@ -267,6 +300,7 @@ class Agent:
         self.connected.set()
         assert session.closed is not None
         session.closed.add_done_callback(lambda _f: self.connected.clear())
+        self.metrics.session_opened()
         await self._flush_spool(session)
         await self._publish_registration(session)
         # Read the whole history: versions only go up and cancellations are final, so
@@ -289,14 +323,16 @@ class Agent:
                 self.agent_id, self._trust_seen, trust_backlog, TRUST_REPLAY_TIMEOUT_S,
             )
         self.agent_state = AgentState.SERVING
-        for queue in self.config.queues:
-            await session.consume(queue.amqp_name, self._on_delivery)
+        assert self.gate is not None
+        await self.gate.attach(session)
         heartbeat = asyncio.create_task(self._heartbeat_loop(session))
         self._track(heartbeat)
         logger.info("agent %s serving %d queues", self.agent_id, len(self.config.queues))
 
     async def _shutdown(self) -> None:
         self.agent_state = AgentState.DRAINING
+        if self.gate is not None:
+            self.gate.stop()
         session = self.session
         if session is not None and session.is_open:
             # Closing the channel's consumers stops new deliveries; prefetched ones
@@ -381,6 +417,9 @@ class Agent:
             )
             outcome = await self._pipeline.fail_internal(delivery, exc)
             self._settle_outcome(session, delivery, outcome)
+        finally:
+            assert self.gate is not None
+            self.gate.settled(delivery)
 
     async def _handle_delivery(self, session: AmqpSession, delivery: Delivery) -> None:
         assert self._pipeline is not None
@@ -435,10 +474,21 @@ class Agent:
             self._settle_outcome(session, delivery, outcome)
             return
 
+        assert self.gate is not None
+        decision = self.gate.decide(job, delivery)
+        if decision.grant is None:
+            await self._give_back(session, delivery, job, decision)
+            return
+
         running = RunningJob(job, session, delivery, asyncio.current_task())  # type: ignore[arg-type]
         self.running[job.job_id] = running
+        units = decision.grant.units
+        devices = [cdi_device_name(unit, self.config.resources) for unit in units]
+        uuids = [unit.uuid for unit in units]
         try:
-            outcome = await pipeline.execute(job, delivery)
+            outcome = await pipeline.execute(
+                job, delivery, gpu_devices=devices, gpu_uuids=uuids
+            )
         except asyncio.CancelledError:
             if running.cancel_reason is None:
                 raise
@@ -449,7 +499,18 @@ class Agent:
             outcome = await pipeline.cancel(job, delivery, running.cancel_reason)
         finally:
             self.running.pop(job.job_id, None)
+            self.gate.release(job.job_id)
         self._settle_outcome(running.session, running.delivery, outcome)
+
+    async def _give_back(
+        self, session: AmqpSession, delivery: Delivery, job: JobSpec, decision: Decision
+    ) -> None:
+        """Return a job that cannot start here to its queue (docs/scheduling.md)."""
+        assert self.admission is not None and self.gate is not None
+        log_give_back(self.agent_id, self.admission.offer, job, delivery, decision)
+        if decision.verdict is Verdict.BUSY:
+            await self.gate.hold(delivery.queue)
+        self._settle(session, delivery, requeue=True)
 
     def _on_trust_message(self, delivery: Delivery) -> None:
         session = self.session
@@ -502,6 +563,8 @@ class Agent:
             running.task.cancel()
 
     def _settle_outcome(self, session: AmqpSession, delivery: Delivery, outcome: Outcome) -> None:
+        if not outcome.replayed:
+            self.metrics.job_finished(outcome.status.value, outcome.duration_s)
         self._settle(session, delivery, requeue=False, dead_letter=outcome.dead_letter)
 
     def _settle(
@@ -608,6 +671,13 @@ class Agent:
             free_slots=self.free_slots,
             enrollment_token=self.config.agent.read_enrollment_token(),
             at=utc_now(),
+            usable_cpus=self.capacity.usable_cpus,
+            memory_available_bytes=self.capacity.memory_available_bytes,
+            scratch_free_bytes=self.capacity.scratch_free_bytes,
+            driver_version=self.capacity.driver_version,
+            cuda_version=self.capacity.cuda_version,
+            heartbeat_interval_s=self.config.agent.heartbeat_interval_s,
+            **self._amounts(),
         )
         body = sign_model(registration, self.identity.key, self.identity.agent_id)
         await session.publish(
@@ -624,11 +694,20 @@ class Agent:
             running_jobs=sorted(self.running),
             free_slots=self.free_slots,
             at=utc_now(),
+            **self._amounts(),
         )
         body = sign_model(heartbeat, self.identity.key, self.identity.agent_id)
         await session.publish(
             EVENTS_EXCHANGE, heartbeat_routing_key(self.identity.agent_id), body, persistent=False
         )
+
+    def _amounts(self) -> dict[str, ResourceAmounts]:
+        if self.admission is None:
+            return {}
+        return {
+            "capacity": self.admission.offer.amounts(),
+            "free": self.admission.free(),
+        }
 
     async def _heartbeat_loop(self, session: AmqpSession) -> None:
         interval = self.config.agent.heartbeat_interval_s

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -62,6 +63,10 @@ class Outcome:
     status: FinalStatus
     # A rejected message goes to the dead-letter exchange instead of being acked.
     dead_letter: bool
+    # Seconds from the start of the job to its result; None for a job that never ran.
+    duration_s: float | None = None
+    # True when the result is the recorded one of a job that already ended here.
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,9 +174,16 @@ class JobPipeline:
         await self.publisher.publish_result(job_id, result)
         record = self.state.finished(job_id)
         status = FinalStatus(record.status) if record else FinalStatus.FAILED
-        return Outcome(job_id, status, dead_letter=False)
+        return Outcome(job_id, status, dead_letter=False, replayed=True)
 
-    async def execute(self, job: JobSpec, delivery: Delivery) -> Outcome:
+    async def execute(
+        self,
+        job: JobSpec,
+        delivery: Delivery,
+        gpu_devices: Sequence[str] = (),
+        gpu_uuids: Sequence[str] = (),
+    ) -> Outcome:
+        """Run an admitted job on the GPUs it was given (CDI names and their UUIDs)."""
         started = time.monotonic()
         durations = {"fetch_s": 0.0, "run_s": 0.0}
         logger.info(
@@ -180,7 +192,7 @@ class JobPipeline:
         )
         await self._status(job, JobState.VERIFIED)
         try:
-            result = await self._run_steps(job, durations)
+            result = await self._run_steps(job, durations, list(gpu_devices))
         except JobError as exc:
             logger.warning("job %s failed: %s", job.job_id, exc)
             result = self._failed(job, exc.code, exc.message)
@@ -203,13 +215,16 @@ class JobPipeline:
             await asyncio.to_thread(self.state.remove_work_dir, job.job_id)
         total = time.monotonic() - started
         result = result.model_copy(
-            update={"durations": Durations(total_s=total, **durations)}
+            update={
+                "durations": Durations(total_s=total, **durations),
+                "gpus": list(gpu_uuids),
+            }
         )
         await self._finish(result, message_digest(delivery.body))
         logger.info(
             "job %s finished: %s in %.1f s", job.job_id, result.status.value, total
         )
-        return Outcome(job.job_id, result.status, dead_letter=False)
+        return Outcome(job.job_id, result.status, dead_letter=False, duration_s=total)
 
     # --- steps ------------------------------------------------------------------
 
@@ -240,7 +255,9 @@ class JobPipeline:
                 f"{job.competition!r} but arrived on {queue!r}",
             )
 
-    async def _run_steps(self, job: JobSpec, durations: dict[str, float]) -> JobResult:
+    async def _run_steps(
+        self, job: JobSpec, durations: dict[str, float], gpu_devices: list[str]
+    ) -> JobResult:
         fetch_started = time.monotonic()
         await self._status(job, JobState.FETCHING)
         mounts = []
@@ -263,6 +280,7 @@ class JobPipeline:
                 labels={"fairu.job_id": job.job_id, "fairu.agent_id": self.identity.agent_id},
                 cpus=job.resources.cpus,
                 memory_mb=job.resources.memory_mb,
+                gpu_devices=gpu_devices,
             )
         )
         durations["run_s"] = outcome.run_s

@@ -10,7 +10,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -55,6 +55,7 @@ from fairu.protocol.topology import (
 
 from .jobfile import load_job_file, parse_duration
 from .keys import KeyFolder
+from .scheduling import AgentOffer
 from .sites import add_site_commands
 from .store import Store
 from .topology import declare_job_queue, declare_topology
@@ -425,29 +426,61 @@ def _agents_list(args: argparse.Namespace) -> int:
         agents = store.agents()
     finally:
         store.close()
+    for agent in agents:
+        agent["gpus_by_model"] = gpus_by_model(agent)
     if args.json:
         print(json.dumps(agents, indent=2))
         return 0
-    header = ("SITE", "AGENT", "APPROVAL", "STATE", "SLOTS FREE", "CORES", "MEMORY", "GPUS",
-              "RUNNING", "LAST SEEN")
+    print(format_agents(agents))
+    return 0
+
+
+def gpus_by_model(agent: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Count an agent's offered and free GPU units per model name."""
+    offer = AgentOffer.from_row(agent)
+    # An agent of the first release reports no free GPUs; count all of them as free.
+    all_units = [unit.uuid for unit in offer.units]
+    free = set((agent.get("free") or {}).get("gpus", all_units))
+    models: dict[str, dict[str, int]] = {}
+    for unit in offer.units:
+        counts = models.setdefault(unit.name, {"free": 0, "total": 0})
+        counts["total"] += 1
+        counts["free"] += unit.uuid in free
+    return models
+
+
+def format_agents(agents: list[dict[str, Any]]) -> str:
+    """Return the fleet as a table, one agent per row."""
+    header = ("SITE", "AGENT", "APPROVAL", "STATE", "CORES FREE/TOTAL",
+              "MEMORY FREE/TOTAL", "GPUS FREE/TOTAL", "RUNNING", "LAST SEEN")
     rows = [header]
     for agent in agents:
+        offer = AgentOffer.from_row(agent)
+        free = agent.get("free") or {}
+        free_cpus = float(free.get("cpus", offer.cpus))
+        free_memory = int(free.get("memory_bytes", offer.memory_bytes))
+        models = agent.get("gpus_by_model") or gpus_by_model(agent)
+        gpus = ", ".join(
+            f"{counts['free']}/{counts['total']} {model}"
+            for model, counts in models.items()
+        )
         rows.append((
             str(agent["site"]),
             str(agent["agent_id"]),
             str(agent["approval"]),
-            str(agent["state"]),
-            f"{agent['free_slots']}/{agent['slots']}",
-            str(agent["cpu_cores"]),
-            f"{int(agent['memory_bytes']) / 2**30:.1f} GiB",
-            str(len(agent["gpus"])),  # type: ignore[arg-type]
-            str(len(agent["running_jobs"])),  # type: ignore[arg-type]
+            str(agent["fleet_state"]),
+            f"{free_cpus:g}/{offer.cpus:g}",
+            f"{free_memory / 2**30:.1f}/{offer.memory_bytes / 2**30:.1f} GiB",
+            gpus or "-",
+            str(len(agent["running_jobs"])),
             str(agent["last_seen"])[:19],
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
     for row in rows:
-        print("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)))
-    return 0
+        cells = [value.ljust(width) for value, width in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
 
 
 def _agents_set_approval(args: argparse.Namespace) -> int:

@@ -18,30 +18,61 @@ import random
 import signal
 import sqlite3
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
-from fairu.agent.session import AmqpSession, Delivery, SessionError
+from fairu.agent.session import AmqpSession, Delivery, PublishFailed, SessionError
 from fairu.logs import configure_logging
 from fairu.protocol.errors import ConfigError, ErrorCode, RejectedError
-from fairu.protocol.models import Envelope, Heartbeat, JobResult, Registration
+from fairu.protocol.models import (
+    Envelope,
+    ErrorInfo,
+    FinalStatus,
+    Heartbeat,
+    JobResult,
+    JobSpec,
+    Registration,
+    utc_now,
+)
 from fairu.protocol.signing import (
     agent_id_for,
     decode_envelope,
+    generate_private_key,
+    load_private_key,
     load_public_key_text,
     parse_payload,
+    sign_model,
     verify_envelope,
+    write_private_key,
 )
-from fairu.agent.pipeline import claimed_job_id
 from fairu.protocol.topology import (
-    COORDINATOR_DEAD_QUEUE,
+    COORDINATOR_DEAD_LETTERS_QUEUE,
     COORDINATOR_HEARTBEATS_QUEUE,
+    COORDINATOR_ID,
     COORDINATOR_RECORDS_QUEUE,
-    DELIVERY_LIMIT,
+    DEAD_LETTER_EXCHANGE,
+    JOBS_EXCHANGE,
+    RESULTS_EXCHANGE,
+    job_queue_name,
+    job_routing_key,
+    result_routing_key,
 )
 
+from .scheduling import (
+    MAX_REQUEUE_ROUNDS,
+    REQUEUE_ROUNDS_HEADER,
+    give_up_message,
+    offers_for_queue,
+    place,
+    requeue_delay_s,
+    unschedulable_message,
+)
 from .store import Store
 from .topology import declare_topology
 
@@ -49,18 +80,53 @@ logger = logging.getLogger(__name__)
 
 PREFETCH = 256
 RECONNECT_MAX_S = 30.0
+LIVENESS_INTERVAL_S = 1.0
+# Dead-letter reason of a quorum queue message past x-delivery-limit (RabbitMQ 3.10).
+DELIVERY_LIMIT_REASON = "delivery_limit"
+PLATFORM_SITE = "platform"
+
+
+@dataclass(frozen=True)
+class CoordinatorQueues:
+    """The queues the coordinator reads; tests pass copies of their own."""
+
+    records: str = COORDINATOR_RECORDS_QUEUE
+    heartbeats: str = COORDINATOR_HEARTBEATS_QUEUE
+    # None reads no dead letters, so no job is ended or published again.
+    dead_letters: str | None = COORDINATOR_DEAD_LETTERS_QUEUE
 
 
 class Coordinator:
-    def __init__(self, broker_url: str, store: Store) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        store: Store,
+        *,
+        queues: CoordinatorQueues = CoordinatorQueues(),
+        key: Ed25519PrivateKey | None = None,
+        requeue_delay: Callable[[int], float] = requeue_delay_s,
+    ) -> None:
+        """`key` signs the coordinator's own results; None makes a key for this run."""
         self.broker_url = broker_url
         self.store = store
+        self.queues = queues
+        self.key = key or generate_private_key()
+        self.requeue_delay = requeue_delay
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._workers: dict[str, _Worker] = {}
 
     async def run(self) -> None:
         logger.info("coordinator starting with database %s", self.store.path)
+        liveness = asyncio.create_task(self._watch_liveness())
+        try:
+            await self._serve_until_stopped()
+        finally:
+            liveness.cancel()
+            await asyncio.gather(liveness, return_exceptions=True)
+        logger.info("coordinator stopped")
+
+    async def _serve_until_stopped(self) -> None:
         attempt = 0
         while not self.stopping.is_set():
             try:
@@ -79,19 +145,37 @@ class Coordinator:
                     await asyncio.wait_for(self.stopping.wait(), delay)
                 except TimeoutError:
                     pass
-        logger.info("coordinator stopped")
+
+    async def _watch_liveness(self) -> None:
+        """Mark agents stale or offline as their heartbeats stop; log each change."""
+        while True:
+            try:
+                changes = await asyncio.to_thread(self.store.mark_liveness)
+            except Exception:
+                logger.exception("coordinator failed to update agent liveness")
+                changes = []
+            for agent_id, old, new in changes:
+                level = logging.INFO if new == "live" else logging.WARNING
+                logger.log(level, "agent %s is now %s (was %s)", agent_id, new, old)
+            await asyncio.sleep(LIVENESS_INTERVAL_S)
 
     async def _serve(self) -> None:
         session = AmqpSession(self.broker_url, name="fairu-coordinator")
         await session.open()
         try:
             await declare_topology(session)
+            if self.queues.dead_letters == COORDINATOR_DEAD_LETTERS_QUEUE:
+                await session.declare_queue(
+                    COORDINATOR_DEAD_LETTERS_QUEUE, arguments={"x-queue-type": "quorum"}
+                )
+                await session.bind(
+                    COORDINATOR_DEAD_LETTERS_QUEUE, DEAD_LETTER_EXCHANGE, ""
+                )
             await session.set_prefetch(PREFETCH)
-            for queue in (
-                COORDINATOR_RECORDS_QUEUE,
-                COORDINATOR_HEARTBEATS_QUEUE,
-                COORDINATOR_DEAD_QUEUE,
-            ):
+            queues = [self.queues.records, self.queues.heartbeats]
+            if self.queues.dead_letters is not None:
+                queues.append(self.queues.dead_letters)
+            for queue in queues:
                 await session.consume(queue, lambda d: self._spawn(session, d))
             logger.info("coordinator serving")
             assert session.closed is not None
@@ -125,11 +209,11 @@ class Coordinator:
             await self._handle(worker.session, delivery)
 
     async def _handle(self, session: AmqpSession, delivery: Delivery) -> None:
+        if delivery.queue == self.queues.dead_letters:
+            await self._handle_dead_letter(session, delivery)
+            return
         try:
-            if delivery.queue == COORDINATOR_DEAD_QUEUE:
-                await self.handle_dead_letter(delivery)
-            else:
-                await self.handle_message(delivery.body)
+            await self.handle_message(delivery.body)
         except RejectedError as exc:
             logger.warning(
                 "dropped a message from %s (routing key %s): %s",
@@ -145,27 +229,6 @@ class Coordinator:
         session.ack(delivery.delivery_tag)
 
     # --- agent events -----------------------------------------------------------
-
-    async def handle_dead_letter(self, delivery: Delivery) -> None:
-        """Give a job that hit the delivery limit its failed result.
-
-        Messages that an agent rejected were dead-lettered after their result was
-        published, so only the delivery limit needs a result here.
-        """
-        reason = _death_reason(delivery)
-        if reason != "delivery_limit":
-            return
-        job_id = claimed_job_id(delivery.body)
-        message = (
-            f"the job message was delivered {DELIVERY_LIMIT} times without a result "
-            "(each agent that took it crashed or lost its connection) and went to the "
-            "dead-letter queue"
-        )
-        recorded = await asyncio.to_thread(
-            self.store.record_failure, job_id, ErrorCode.DELIVERY_LIMIT.value, message
-        )
-        if recorded:
-            logger.warning("job %s failed: %s", job_id, message)
 
     async def handle_message(self, body: bytes) -> None:
         envelope = decode_envelope(body)
@@ -191,6 +254,8 @@ class Coordinator:
             beat.free_slots,
             list(beat.running_jobs),
             beat.at.isoformat(),
+            beat.capacity.model_dump(mode="json") if beat.capacity else None,
+            beat.free.model_dump(mode="json") if beat.free else None,
         )
 
     async def _register(self, envelope: Envelope) -> None:
@@ -234,6 +299,11 @@ class Coordinator:
     # --- results ----------------------------------------------------------------
 
     async def _record_result(self, envelope: Envelope, body: bytes) -> None:
+        if envelope.key_id == COORDINATOR_ID:
+            # A result this coordinator made: it was recorded before it was published.
+            verify_envelope(envelope, {COORDINATOR_ID: self.key.public_key()})
+            logger.debug("skipped a result this coordinator published itself")
+            return
         key = await self._agent_key(envelope.key_id)
         payload = verify_envelope(envelope, {envelope.key_id: key})
         result = parse_payload(payload, JobResult)
@@ -286,19 +356,154 @@ class Coordinator:
         return load_public_key_text(text)
 
 
+    # --- dead letters -----------------------------------------------------------
+
+    async def _handle_dead_letter(
+        self, session: AmqpSession, delivery: Delivery
+    ) -> None:
+        """End or publish again a job past its delivery limit; ack other dead letters.
+
+        A message rejected by an agent already has its result, so only messages
+        dead-lettered for the delivery limit need a decision.
+        """
+        reason, queue = _first_death(delivery)
+        job = _read_job(delivery.body) if reason == DELIVERY_LIMIT_REASON else None
+        if job is None:
+            logger.debug("ignored a dead letter from %s (reason %s)", queue, reason)
+            session.ack(delivery.delivery_tag)
+            return
+        queue = job_queue_name(job.competition, job.queue)
+        agents = await asyncio.to_thread(self.store.agents)
+        placement = place(job.resources, offers_for_queue(agents, queue))
+        rounds = _requeue_rounds(delivery)
+        if placement.fitting and rounds < MAX_REQUEUE_ROUNDS:
+            task = asyncio.create_task(
+                self._publish_again(session, delivery, job, rounds)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        if placement.fitting:
+            message = give_up_message(job, queue, rounds, placement)
+        else:
+            message = unschedulable_message(job, queue, placement)
+        try:
+            await self._fail_job(session, job, message)
+        except SessionError as exc:
+            # The dead letter stays unacked, so the broker delivers it again after
+            # the reconnect and the job still gets its result.
+            logger.warning(
+                "result of unschedulable job %s not published: %s", job.job_id, exc
+            )
+            return
+        session.ack(delivery.delivery_tag)
+
+    async def _publish_again(
+        self, session: AmqpSession, delivery: Delivery, job: JobSpec, rounds: int
+    ) -> None:
+        delay = self.requeue_delay(rounds)
+        logger.info(
+            "job %s went past its delivery limit, but agents offer enough for it; "
+            "publishing it again in %.0f s (round %d of %d)",
+            job.job_id, delay, rounds + 1, MAX_REQUEUE_ROUNDS,
+        )
+        await asyncio.sleep(delay)
+        try:
+            await session.publish(
+                JOBS_EXCHANGE,
+                job_routing_key(job.competition, job.queue),
+                delivery.body,
+                mandatory=True,
+                headers={REQUEUE_ROUNDS_HEADER: rounds + 1},
+            )
+        except PublishFailed as exc:
+            if not exc.permanent:
+                logger.warning("job %s not published again: %s", job.job_id, exc)
+                return
+            # No queue is bound for the job any more, so it can never run.
+            queue = job_queue_name(job.competition, job.queue)
+            try:
+                await self._fail_job(
+                    session, job, f"job {job.job_id} cannot be published again: {exc}"
+                )
+            except SessionError as error:
+                logger.warning("job %s has no result yet: %s", job.job_id, error)
+                return
+            logger.warning("job %s ended because %s is gone", job.job_id, queue)
+        except SessionError as exc:
+            logger.warning("job %s not published again: %s", job.job_id, exc)
+            return
+        session.ack(delivery.delivery_tag)
+
+    async def _fail_job(self, session: AmqpSession, job: JobSpec, message: str) -> None:
+        """Record and publish a failed result for a job that no agent will run."""
+        logger.warning("job %s failed: %s", job.job_id, message)
+        result = JobResult(
+            job_id=job.job_id,
+            agent_id=COORDINATOR_ID,
+            site=PLATFORM_SITE,
+            competition=job.competition,
+            queue=job.queue,
+            submission_id=job.submission_id,
+            status=FinalStatus.FAILED,
+            error=ErrorInfo(code=ErrorCode.UNSCHEDULABLE, message=message[:4000]),
+            finished_at=utc_now(),
+        )
+        body = sign_model(result, self.key, COORDINATOR_ID)
+        recorded = await asyncio.to_thread(
+            self.store.record_result, job.job_id, COORDINATOR_ID, PLATFORM_SITE,
+            result.status.value, {}, body,
+        )
+        if not recorded:
+            logger.info(
+                "job %s already has a recorded result; not publishing another",
+                job.job_id,
+            )
+            return
+        await session.publish(RESULTS_EXCHANGE, result_routing_key(job.job_id), body)
+
+
+def _first_death(delivery: Delivery) -> tuple[str, str]:
+    """Return the reason and queue of a dead letter's first x-death entry."""
+    headers = delivery.properties.headers or {}
+    deaths = headers.get("x-death") or []
+    if not deaths or not isinstance(deaths[0], dict):
+        return "", ""
+    death = deaths[0]
+    return _header_text(death.get("reason")), _header_text(death.get("queue"))
+
+
+def _header_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value) if value is not None else ""
+
+
+def _requeue_rounds(delivery: Delivery) -> int:
+    rounds = (delivery.properties.headers or {}).get(REQUEUE_ROUNDS_HEADER, 0)
+    return rounds if isinstance(rounds, int) and rounds >= 0 else 0
+
+
+def _read_job(body: bytes) -> JobSpec | None:
+    """Read a dead-lettered job without checking its signature.
+
+    NOTE: the coordinator has no job-signing trust, so it reads the job unverified.
+    Only admins can publish jobs, and the worst a forged one can do here is to end
+    its own job id with a failed result or to be published again.
+    """
+    try:
+        envelope = decode_envelope(body)
+        return parse_payload(base64.b64decode(envelope.payload), JobSpec)
+    except (RejectedError, binascii.Error) as exc:
+        logger.info("ignored a dead letter that is not a readable job: %s", exc)
+        return None
+
+
 @dataclass
 class _Worker:
     session: AmqpSession
     inbox: asyncio.Queue[Delivery]
     task: asyncio.Task[None] | None = None
-
-
-def _death_reason(delivery: Delivery) -> str | None:
-    deaths = (delivery.properties.headers or {}).get("x-death") or []
-    if not deaths or not isinstance(deaths[0], dict):
-        return None
-    reason = deaths[0].get("reason")
-    return reason.decode() if isinstance(reason, bytes) else reason
 
 
 def _peek_kind(payload_b64: str) -> object:
@@ -324,18 +529,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--broker", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="AMQP URL"
     )
+    parser.add_argument(
+        "--key",
+        type=Path,
+        help="private key that signs the coordinator's own results; made on first "
+        "start (default: the database path with .key appended)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:
         args.db.parent.mkdir(parents=True, exist_ok=True)
+        key = _load_or_make_key(args.key or args.db.with_name(args.db.name + ".key"))
         store = Store(args.db)
     except (OSError, ConfigError, sqlite3.Error) as exc:
         print(f"fairu-coordinator: error: cannot open database {args.db}: {exc}", file=sys.stderr)
         return 2
 
     async def serve() -> None:
-        coordinator = Coordinator(args.broker, store)
+        coordinator = Coordinator(args.broker, store, key=key)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, coordinator.stopping.set)
@@ -349,6 +561,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         store.close()
     return 0
+
+
+def _load_or_make_key(path: Path) -> Ed25519PrivateKey:
+    if not path.exists():
+        write_private_key(path, generate_private_key())
+        logger.info("made the coordinator's signing key at %s", path)
+    return load_private_key(path)
 
 
 if __name__ == "__main__":

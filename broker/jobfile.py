@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from fairu.protocol.errors import ConfigError
 from fairu.protocol.models import JobSpec, utc_now
 from fairu.protocol.signing import describe_validation
+from fairu.protocol.topology import CPU_CLASS, class_needs_gpu
 
 _DURATION = re.compile(r"^(\d+)\s*([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -63,9 +64,26 @@ def load_job_file(path: Path, job_id: str | None = None) -> JobSpec:
     try:
         # The file is trusted organizer input, so lax mode lets TOML ints stand
         # for floats and dates; the agent parses the signed JSON strictly.
-        return JobSpec.model_validate(raw, strict=False)
+        job = JobSpec.model_validate(raw, strict=False)
     except ValidationError as exc:
         raise ConfigError(f"invalid job file {path}: {describe_validation(exc)}") from None
+    _check_resource_class(job, path)
+    return job
+
+
+def _check_resource_class(job: JobSpec, path: Path) -> None:
+    """Reject a job whose GPU request contradicts its queue's resource class."""
+    gpus = job.resources.gpus
+    if job.queue == CPU_CLASS and gpus > 0:
+        raise ConfigError(
+            f"job file {path} requests gpus = {gpus} in resource class {CPU_CLASS!r}, "
+            "whose agents need not have any; set queue to a GPU class such as \"gpu\""
+        )
+    if class_needs_gpu(job.queue) and gpus == 0:
+        raise ConfigError(
+            f"job file {path} names GPU resource class {job.queue!r} but requests no "
+            f"GPU; set resources.gpus or use queue \"{CPU_CLASS}\""
+        )
 
 
 def _complete_input(item: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import secrets
 import sqlite3
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 SCHEMA = """
@@ -33,7 +34,16 @@ CREATE TABLE IF NOT EXISTS agents (
     last_seen TEXT NOT NULL,
     -- pending until an admin approves the agent or it enrolls with a token;
     -- only results of approved agents are recorded.
-    approval TEXT NOT NULL DEFAULT 'pending'
+    approval TEXT NOT NULL DEFAULT 'pending',
+    heartbeat_interval_s REAL NOT NULL DEFAULT 10,
+    -- JSON ResourceAmounts: what the agent offers in total, and the free part.
+    capacity TEXT,
+    free TEXT,
+    -- JSON: usable_cpus, memory_available_bytes, scratch_free_bytes, driver_version,
+    -- cuda_version, as the last registration reported them.
+    host TEXT NOT NULL DEFAULT '{}',
+    -- live, stale or offline, from the age of last_seen (see fleet_state).
+    liveness TEXT NOT NULL DEFAULT 'live'
 );
 CREATE TABLE IF NOT EXISTS enrollment_tokens (
     token_sha256 TEXT PRIMARY KEY,
@@ -63,6 +73,37 @@ CREATE INDEX IF NOT EXISTS result_audit_job ON result_audit (job_id);
 """
 
 
+# Registration fields kept together in the `host` column.
+HOST_FIELDS = (
+    "usable_cpus",
+    "memory_available_bytes",
+    "scratch_free_bytes",
+    "driver_version",
+    "cuda_version",
+)
+LIVE, STALE, OFFLINE = "live", "stale", "offline"
+# Heartbeats missed before an agent counts as stale, and as offline.
+STALE_AFTER_MISSED = 3
+OFFLINE_AFTER_MISSED = 10
+
+
+def fleet_state(
+    state: str, last_seen: datetime, interval_s: float, now: datetime
+) -> str:
+    """Return "stale" or "offline" from the heartbeats missed, else the reported state.
+
+    An agent that sent its last heartbeat on stop stays "stopped".
+    """
+    if state == "stopped":
+        return state
+    missed = (now - last_seen).total_seconds() / interval_s
+    if missed > OFFLINE_AFTER_MISSED:
+        return OFFLINE
+    if missed > STALE_AFTER_MISSED:
+        return STALE
+    return state
+
+
 @dataclass(frozen=True)
 class StoredResult:
     job_id: str
@@ -86,10 +127,17 @@ class Store:
     def _add_missing_columns(self) -> None:
         """Bring a database made by an earlier fairu 0.1.0 build up to SCHEMA."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(agents)")}
-        if "approval" not in columns:
-            self._db.execute(
-                "ALTER TABLE agents ADD COLUMN approval TEXT NOT NULL DEFAULT 'pending'"
-            )
+        added = {
+            "approval": "TEXT NOT NULL DEFAULT 'pending'",
+            "heartbeat_interval_s": "REAL NOT NULL DEFAULT 10",
+            "capacity": "TEXT",
+            "free": "TEXT",
+            "host": "TEXT NOT NULL DEFAULT '{}'",
+            "liveness": "TEXT NOT NULL DEFAULT 'live'",
+        }
+        for name, definition in added.items():
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE agents ADD COLUMN {name} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -105,39 +153,68 @@ class Store:
         return row[0] if row else None
 
     def upsert_registration(self, fields: dict[str, object]) -> None:
+        """Store a registration: `Registration.model_dump(mode="json")`, no token."""
         row = dict(fields)
-        for name in ("gpus", "queues", "running_jobs"):
-            row[name] = json.dumps(row[name])
+        row["host"] = {name: row.pop(name, None) for name in HOST_FIELDS}
+        row.setdefault("heartbeat_interval_s", 10.0)
+        for name in ("gpus", "queues", "running_jobs", "host", "capacity", "free"):
+            row[name] = json.dumps(row.get(name))
         with self._lock:
             self._db.execute(
                 "INSERT INTO agents (agent_id, site, public_key, version, cpu_cores,"
                 " memory_bytes, gpus, queues, slots, state, free_slots, running_jobs,"
-                " registered_at, last_seen) VALUES (:agent_id, :site, :public_key,"
+                " registered_at, last_seen, heartbeat_interval_s, capacity, free, host,"
+                " liveness) VALUES (:agent_id, :site, :public_key,"
                 " :version, :cpu_cores, :memory_bytes, :gpus, :queues, :slots, 'serving',"
-                " :free_slots, :running_jobs, :at, :at)"
+                " :free_slots, :running_jobs, :at, :at, :heartbeat_interval_s,"
+                " :capacity, :free, :host, 'live')"
                 " ON CONFLICT (agent_id) DO UPDATE SET site = excluded.site,"
                 " version = excluded.version, cpu_cores = excluded.cpu_cores,"
                 " memory_bytes = excluded.memory_bytes, gpus = excluded.gpus,"
                 " queues = excluded.queues, slots = excluded.slots, state = 'serving',"
                 " free_slots = excluded.free_slots, running_jobs = excluded.running_jobs,"
-                " registered_at = excluded.registered_at, last_seen = excluded.last_seen",
+                " registered_at = excluded.registered_at,"
+                " last_seen = excluded.last_seen,"
+                " heartbeat_interval_s = excluded.heartbeat_interval_s,"
+                " capacity = excluded.capacity, free = excluded.free,"
+                " host = excluded.host, liveness = 'live'",
                 row,
             )
             self._db.commit()
 
     def update_heartbeat(
-        self, agent_id: str, state: str, free_slots: int, running_jobs: list[str], at: str
+        self,
+        agent_id: str,
+        state: str,
+        free_slots: int,
+        running_jobs: list[str],
+        at: str,
+        capacity: dict[str, object] | None = None,
+        free: dict[str, object] | None = None,
     ) -> bool:
+        """Store a heartbeat; `capacity` and `free` are kept when it carries none."""
         with self._lock:
             cursor = self._db.execute(
-                "UPDATE agents SET state = ?, free_slots = ?, running_jobs = ?, last_seen = ?"
-                " WHERE agent_id = ?",
-                (state, free_slots, json.dumps(running_jobs), at, agent_id),
+                "UPDATE agents SET state = ?, free_slots = ?, running_jobs = ?,"
+                " last_seen = ?, capacity = COALESCE(?, capacity),"
+                " free = COALESCE(?, free),"
+                " liveness = 'live' WHERE agent_id = ?",
+                (
+                    state,
+                    free_slots,
+                    json.dumps(running_jobs),
+                    at,
+                    json.dumps(capacity) if capacity is not None else None,
+                    json.dumps(free) if free is not None else None,
+                    agent_id,
+                ),
             )
             self._db.commit()
         return cursor.rowcount == 1
 
-    def agents(self) -> list[dict[str, object]]:
+    def agents(self, now: datetime | None = None) -> list[dict[str, object]]:
+        """Return every agent, with `fleet_state` computed for `now` (default: now)."""
+        now = now or datetime.now(UTC)
         with self._lock:
             cursor = self._db.execute("SELECT * FROM agents ORDER BY site, agent_id")
             names = [column[0] for column in cursor.description]
@@ -145,10 +222,35 @@ class Store:
         agents = []
         for row in rows:
             agent = dict(zip(names, row, strict=True))
-            for name in ("gpus", "queues", "running_jobs"):
-                agent[name] = json.loads(str(agent[name]))
+            for name in ("gpus", "queues", "running_jobs", "capacity", "free", "host"):
+                value = agent[name]
+                agent[name] = json.loads(str(value)) if value is not None else None
+            agent["fleet_state"] = fleet_state(
+                str(agent["state"]),
+                datetime.fromisoformat(str(agent["last_seen"])),
+                float(agent["heartbeat_interval_s"]),  # type: ignore[arg-type]
+                now,
+            )
             agents.append(agent)
         return agents
+
+    def mark_liveness(self, now: datetime | None = None) -> list[tuple[str, str, str]]:
+        """Store each agent's liveness for `now`; return the (agent_id, old, new)."""
+        changes = []
+        for agent in self.agents(now):
+            state = str(agent["fleet_state"])
+            liveness = state if state in (STALE, OFFLINE) else LIVE
+            if liveness != agent["liveness"]:
+                old = str(agent["liveness"])
+                changes.append((str(agent["agent_id"]), old, liveness))
+        with self._lock:
+            for agent_id, _old, liveness in changes:
+                self._db.execute(
+                    "UPDATE agents SET liveness = ? WHERE agent_id = ?",
+                    (liveness, agent_id),
+                )
+            self._db.commit()
+        return changes
 
     def approval(self, agent_id: str) -> str | None:
         with self._lock:
@@ -212,17 +314,6 @@ class Store:
                 (job_id, agent_id, site, status, json.dumps(scores), body),
             )
             self._db.commit()
-        return cursor.rowcount == 1
-
-    def record_failure(self, job_id: str, code: str, message: str) -> bool:
-        """Record a failed final result that the platform itself decided on."""
-        scores = json.dumps({})
-        with self._lock, self._db:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO results (job_id, agent_id, site, status, scores, body)"
-                " VALUES (?, 'coordinator', 'platform', 'failed', ?, ?)",
-                (job_id, scores, json.dumps({"code": code, "message": message}).encode()),
-            )
         return cursor.rowcount == 1
 
     def audit_result(

@@ -24,8 +24,6 @@ async def declare_topology(session: AmqpSession) -> None:
     quorum = {"x-queue-type": "quorum"}
     await session.declare_queue(names.DEAD_LETTER_QUEUE, arguments=quorum)
     await session.bind(names.DEAD_LETTER_QUEUE, names.DEAD_LETTER_EXCHANGE, "")
-    await session.declare_queue(names.COORDINATOR_DEAD_QUEUE, arguments=quorum)
-    await session.bind(names.COORDINATOR_DEAD_QUEUE, names.DEAD_LETTER_EXCHANGE, "")
     # Results and agent events wait in durable queues until the coordinator reads them.
     records = names.COORDINATOR_RECORDS_QUEUE
     await session.declare_queue(records, arguments=quorum)

@@ -34,6 +34,8 @@ class ErrorCode(StrEnum):
     COMPETITION_NOT_ALLOWED = "competition_not_allowed"
     IMAGE_NOT_ALLOWED = "image_not_allowed"
     RESOURCES_EXCEED_POLICY = "resources_exceed_policy"
+    # Scheduling: no agent serving the job's queue offers what the job requests.
+    UNSCHEDULABLE = "unschedulable"
     # Inputs.
     INPUT_FETCH_FAILED = "input_fetch_failed"
     INPUT_DIGEST_MISMATCH = "input_digest_mismatch"

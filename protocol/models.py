@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+)
 
 PROTOCOL_VERSION = 1
 
@@ -24,6 +32,8 @@ Base64Text = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$")
 ShortText = Annotated[str, StringConstraints(max_length=4096)]
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
 ScoreName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+# The UUID NVML reports for a GPU ("GPU-...") or a MIG device ("MIG-...").
+GpuUuid = Annotated[str, StringConstraints(max_length=128)]
 
 MAX_LOG_TAIL_CHARS = 64 * 1024
 
@@ -122,10 +132,29 @@ class InputSpec(Model):
 
 
 class Resources(Model):
+    """What a job requests; the agent starts it only when all of it is free."""
+
     cpus: Annotated[float, Field(gt=0, le=1024)] = 1.0
     memory_mb: Annotated[int, Field(gt=0, le=16 * 1024 * 1024)] = 1024
     gpus: Annotated[int, Field(ge=0, le=64)] = 0
     walltime_s: Annotated[int, Field(gt=0, le=7 * 24 * 3600)] = 3600
+    # Minimum total memory of each assigned GPU (or MIG device), in MiB.
+    gpu_memory_mb: Annotated[int, Field(gt=0, le=16 * 1024 * 1024)] | None = None
+    # A GPU model that the name NVML reports must contain, case-insensitively,
+    # such as "A100" or "H100 80GB".
+    gpu_model: (
+        Annotated[str, StringConstraints(min_length=1, max_length=128)] | None
+    ) = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_gpu_conditions(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Agents of the first release reject unknown fields, so a job that sets
+        # neither condition is serialized exactly as those agents expect.
+        data = handler(self)
+        for name in ("gpu_memory_mb", "gpu_model"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class JobSpec(Model):
@@ -226,16 +255,51 @@ class JobResult(Model):
     durations: Durations = Durations()
     error: ErrorInfo | None = None
     finished_at: AwareDatetime
+    # UUIDs of the GPUs or MIG devices the job was given.
+    gpus: Annotated[list[GpuUuid], Field(max_length=64)] = []
 
 
 # --- Agents ----------------------------------------------------------------------
 
 
+class MigDeviceInfo(Model):
+    """One MIG device of a GPU in MIG mode; jobs are given MIG devices, not the GPU."""
+
+    index: Annotated[int, Field(ge=0)]
+    uuid: Annotated[str, StringConstraints(max_length=128)]
+    name: Annotated[str, StringConstraints(max_length=256)] | None = None
+    memory_total_bytes: Annotated[int, Field(ge=0)] | None = None
+    memory_free_bytes: Annotated[int, Field(ge=0)] | None = None
+    gpu_instance_id: Annotated[int, Field(ge=0)] | None = None
+    compute_instance_id: Annotated[int, Field(ge=0)] | None = None
+
+
 class GpuInfo(Model):
+    """A GPU as NVML reports it. A field is None where NVML does not support it."""
+
     index: Annotated[int, Field(ge=0)]
     uuid: Annotated[str, StringConstraints(max_length=128)]
     name: Annotated[str, StringConstraints(max_length=256)]
     memory_total_bytes: Annotated[int, Field(ge=0)] | None = None
+    memory_free_bytes: Annotated[int, Field(ge=0)] | None = None
+    # CUDA compute capability as "major.minor", such as "9.0".
+    compute_capability: Annotated[str, StringConstraints(max_length=16)] | None = None
+    # The current MIG mode: True enabled, False disabled, None not supported.
+    mig_enabled: bool | None = None
+    mig_devices: Annotated[list[MigDeviceInfo], Field(max_length=64)] = []
+
+
+class ResourceAmounts(Model):
+    """An amount of agent resources: a total offered to jobs, or the part free now.
+
+    `gpus` holds the UUIDs of whole GPUs and of MIG devices, each given to one job
+    at a time.
+    """
+
+    cpus: Annotated[float, Field(ge=0)]
+    memory_bytes: Annotated[int, Field(ge=0)]
+    gpus: Annotated[list[GpuUuid], Field(max_length=1024)] = []
+    slots: Annotated[int, Field(ge=0)]
 
 
 class AgentState(StrEnum):
@@ -264,6 +328,18 @@ class Registration(Model):
     # A one-time token from `fairu-admin agents enroll`; it approves the agent once.
     enrollment_token: Annotated[str, StringConstraints(max_length=128)] | None = None
     at: AwareDatetime
+    # Fields below came after the first release and default to "not reported".
+    # Cores after the cgroup CPU quota; may be fractional, such as 1.5.
+    usable_cpus: Annotated[float, Field(ge=0)] | None = None
+    memory_available_bytes: Annotated[int, Field(ge=0)] | None = None
+    scratch_free_bytes: Annotated[int, Field(ge=0)] | None = None
+    driver_version: Annotated[str, StringConstraints(max_length=64)] | None = None
+    cuda_version: Annotated[str, StringConstraints(max_length=16)] | None = None
+    heartbeat_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    # What the agent offers to jobs in total (after the site's reservations), and
+    # the part of it that is free now.
+    capacity: ResourceAmounts | None = None
+    free: ResourceAmounts | None = None
 
 
 class Heartbeat(Model):
@@ -275,6 +351,8 @@ class Heartbeat(Model):
     running_jobs: Annotated[list[Identifier], Field(max_length=1024)] = []
     free_slots: Annotated[int, Field(ge=0)]
     at: AwareDatetime
+    capacity: ResourceAmounts | None = None
+    free: ResourceAmounts | None = None
 
 
 def utc_now() -> datetime:

@@ -15,19 +15,31 @@ DEAD_LETTER_EXCHANGE = "fairu.dlx"  # fanout
 TRUST_EXCHANGE = "fairu.trust"
 TRUST_STREAM = "fairu.trust.log"
 DEAD_LETTER_QUEUE = "fairu.dead"
-# A second queue on the dead-letter exchange, read by the coordinator, so that
-# fairu.dead keeps every dead letter for operators.
-COORDINATOR_DEAD_QUEUE = "fairu.coordinator.dead"
 # Registrations and results share one queue, so the coordinator sees an agent's
 # registration before that agent's results; heartbeats have a queue of their own.
 COORDINATOR_RECORDS_QUEUE = "fairu.coordinator.records"
 COORDINATOR_HEARTBEATS_QUEUE = "fairu.coordinator.heartbeats"
+# The coordinator's copy of dead-lettered messages: it ends jobs that no agent can
+# run and publishes again jobs that only found busy agents.
+COORDINATOR_DEAD_LETTERS_QUEUE = "fairu.coordinator.dead-letters"
+# The id under which the coordinator signs the results it makes itself.
+COORDINATOR_ID = "fairu-coordinator"
 
 # A message that has been delivered this many times without an ack goes to the
 # dead-letter exchange instead of looping between agents.
 DELIVERY_LIMIT = 5
 
 QUEUE_PREFIX = "fairu.jobs."
+
+# A competition's queue names are its resource classes, such as "cpu", "gpu" and
+# "gpu-large". "cpu" takes jobs that request no GPU, and a class whose name starts
+# with "gpu" takes jobs that request at least one.
+CPU_CLASS = "cpu"
+GPU_CLASS_PREFIX = "gpu"
+
+
+def class_needs_gpu(queue: str) -> bool:
+    return queue.startswith(GPU_CLASS_PREFIX)
 
 
 def job_routing_key(competition: str, queue: str) -> str:

@@ -276,6 +276,7 @@ def start_agent(
         runner: str = "podman",
         slots: int = 1,
         stop_grace_s: float = 10,
+        heartbeat_interval_s: float = 2,
         trust: str | None = None,
         agent_extra: str = "",
         extra: str = "",
@@ -297,7 +298,7 @@ url = "{broker_url or default_broker_url}"
 [agent]
 state_dir = "state"
 slots = {slots}
-heartbeat_interval_s = 2
+heartbeat_interval_s = {heartbeat_interval_s}
 stop_grace_s = {stop_grace_s}
 {agent_extra}
 [[queues]]

@@ -7,11 +7,26 @@ import time
 
 import pytest
 
+from fairu.broker.coordinator import Coordinator, CoordinatorQueues
+from fairu.broker.store import Store
 from fairu.protocol.models import FinalStatus, JobResult, utc_now
 from fairu.protocol.signing import generate_private_key, sign_model
 from fairu.protocol.topology import RESULTS_EXCHANGE, result_routing_key
 
 pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+async def coordinator(broker_url, tmp_path):
+    store = Store(tmp_path / "coordinator.sqlite")
+    # Reading no dead letters keeps this coordinator from ending other tests' jobs.
+    queues = CoordinatorQueues(dead_letters=None)
+    service = Coordinator(broker_url, store, queues=queues)
+    task = asyncio.create_task(service.run())
+    yield service
+    service.stopping.set()
+    await asyncio.wait_for(task, 30)
+    store.close()
 
 
 async def wait_for(predicate, timeout_s: float = 30.0):

@@ -157,7 +157,7 @@ async def test_poison_message_gets_failed_result(
         assert time.monotonic() < deadline, "no failed result recorded for the poison job"
         await asyncio.sleep(0.2)
     assert stored.status == "failed"
-    assert stored.agent_id == "coordinator"
+    assert stored.agent_id == "fairu-coordinator"
 
 
 def _containers_of(podman_socket: str, job_id: str) -> list[object]:
