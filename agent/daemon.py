@@ -630,6 +630,7 @@ class Agent:
                     job_id, attempt, exc,
                 )
                 await asyncio.sleep(min(5.0, 0.5 * attempt))
+        await asyncio.to_thread(self.state.mark_published, job_id)
         await asyncio.to_thread(path.unlink, True)
         self._publishing.discard(path)
 
@@ -652,6 +653,8 @@ class Agent:
             if path in self._publishing:
                 continue
             await session.publish(RESULTS_EXCHANGE, routing_key, body)
+            job_id = routing_key.removeprefix("result.")
+            await asyncio.to_thread(self.state.mark_published, job_id)
             await asyncio.to_thread(path.unlink, True)
             logger.info("agent %s published spooled result %s", self.agent_id, routing_key)
 

@@ -169,10 +169,17 @@ class JobPipeline:
         return Outcome(job.job_id, FinalStatus.CANCELLED, dead_letter=False)
 
     async def replay(self, job_id: str, result: bytes) -> Outcome:
-        """Answer a redelivered, already finished job from its record."""
-        logger.info("job %s already finished here; publishing its recorded result", job_id)
-        await self.publisher.publish_result(job_id, result)
-        record = self.state.finished(job_id)
+        """Answer a redelivered, already finished job from its record.
+
+        The result is published again only when the broker never confirmed it; a
+        confirmed result is already in a durable queue, so the redelivery is just acked.
+        """
+        record = await asyncio.to_thread(self.state.finished, job_id)
+        if record is not None and record.published:
+            logger.info("job %s already finished here and its result was published", job_id)
+        else:
+            logger.info("job %s already finished here; publishing its recorded result", job_id)
+            await self.publisher.publish_result(job_id, result)
         status = FinalStatus(record.status) if record else FinalStatus.FAILED
         return Outcome(job_id, status, dead_letter=False, replayed=True)
 

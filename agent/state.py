@@ -54,6 +54,7 @@ class JobRecord:
     # that message from a new message reusing its job id.
     message_sha256: str
     result: bytes
+    published: bool = False
 
 
 class StateDir:
@@ -92,6 +93,10 @@ class StateDir:
             self._db.execute(
                 "ALTER TABLE jobs ADD COLUMN message_sha256 TEXT NOT NULL DEFAULT ''"
             )
+        if "published" not in columns:
+            # Set once the broker confirmed the result, so a redelivery after that
+            # needs only an ack.
+            self._db.execute("ALTER TABLE jobs ADD COLUMN published INTEGER NOT NULL DEFAULT 0")
         self._db.commit()
 
     def close(self) -> None:
@@ -161,10 +166,17 @@ class StateDir:
         with self._db_lock:
             assert self._db is not None
             row = self._db.execute(
-                "SELECT job_id, status, message_sha256, result FROM jobs WHERE job_id = ?",
+                "SELECT job_id, status, message_sha256, result, published FROM jobs"
+                " WHERE job_id = ?",
                 (job_id,),
             ).fetchone()
-        return JobRecord(row[0], row[1], row[2], bytes(row[3])) if row else None
+        return JobRecord(row[0], row[1], row[2], bytes(row[3]), bool(row[4])) if row else None
+
+    def mark_published(self, job_id: str) -> None:
+        with self._db_lock:
+            assert self._db is not None
+            self._db.execute("UPDATE jobs SET published = 1 WHERE job_id = ?", (job_id,))
+            self._db.commit()
 
     # --- result spool -----------------------------------------------------------
 

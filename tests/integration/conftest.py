@@ -73,7 +73,8 @@ def work_root() -> Iterator[Path]:
     for folder in (WORK_BASE, root):
         folder.chmod(0o755)
     yield root
-    shutil.rmtree(root, ignore_errors=True)
+    if not os.environ.get("FAIRU_KEEP_TEST_WORK"):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass

@@ -43,7 +43,7 @@ async def test_result_recorded_once(
     coordinator, competition, start_agent, signing_key, publish, results, make_job, amqp
 ):
     token = await asyncio.to_thread(coordinator.store.add_enrollment_token, "test")
-    start_agent(competition, runner="null", agent_extra=f'enrollment_token = "{token}"')
+    agent = start_agent(competition, runner="null", agent_extra=f'enrollment_token = "{token}"')
     job = make_job(competition)
     await publish(competition, signing_key.sign(job))
     result = await results.wait(job.job_id)
@@ -58,11 +58,13 @@ async def test_result_recorded_once(
     assert agents[result.agent_id]["site"] == "test"
     assert agents[result.agent_id]["approval"] == "approved"
 
-    # The same job published again is answered from the agent's record and the
-    # coordinator keeps the first result, auditing the repeat.
+    # The same message again is acked from the agent's record without a second run,
+    # and without a second result, since the broker confirmed the first one.
     await publish(competition, signing_key.sign(job))
-    await wait_for(lambda: coordinator.store.audit_count(job.job_id) >= 1)
+    await wait_for(lambda: "its result was published" in agent.log())
     assert coordinator.store.result(job.job_id).recorded_at == stored.recorded_at
+    assert coordinator.store.audit_count(job.job_id) == 0
+    assert len(results.results[job.job_id]) == 1
 
 
 async def test_result_from_unregistered_agent_ignored(coordinator, amqp, caplog):
