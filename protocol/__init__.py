@@ -16,6 +16,7 @@ from .models import (
     JobState,
     Registration,
     Resources,
+    SandboxInfo,
     StatusEvent,
     utc_now,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "RejectedError",
     "Resources",
     "RetryableError",
+    "SandboxInfo",
     "StatusEvent",
     "utc_now",
 ]
