@@ -25,6 +25,8 @@ from fairu.protocol.signing import (
 )
 from fairu.protocol.topology import job_queue_name
 
+from .unpack import UnpackLimits
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -60,6 +62,23 @@ class PolicySection(Section):
     max_memory_mb: Annotated[int, Field(gt=0)] | None = None
     max_gpus: Annotated[int, Field(ge=0)] | None = None
     max_walltime_s: Annotated[int, Field(gt=0)] | None = None
+
+
+class InputsSection(Section):
+    """Caps on each unpacked input bundle (`unpack = "tar"` or `"zip"`)."""
+
+    max_unpacked_bytes: Annotated[int, Field(gt=0)] = UnpackLimits.max_bytes
+    max_unpacked_members: Annotated[int, Field(gt=0)] = UnpackLimits.max_members
+    max_unpacked_member_bytes: Annotated[int, Field(gt=0)] = UnpackLimits.max_member_bytes
+    max_compression_ratio: Annotated[float, Field(gt=0)] = UnpackLimits.max_ratio
+
+    def unpack_limits(self) -> UnpackLimits:
+        return UnpackLimits(
+            max_bytes=self.max_unpacked_bytes,
+            max_members=self.max_unpacked_members,
+            max_member_bytes=self.max_unpacked_member_bytes,
+            max_ratio=self.max_compression_ratio,
+        )
 
 
 class QueueSection(Section):
@@ -137,6 +156,7 @@ class SiteConfig(Section):
     agent: AgentSection
     queues: Annotated[list[QueueSection], Field(min_length=1)]
     policy: PolicySection = PolicySection()
+    inputs: InputsSection = InputsSection()
     runner: RunnerSection = RunnerSection()
 
     def root_key(self) -> Ed25519PublicKey | None:

@@ -166,7 +166,7 @@ class Agent:
                 self.trust,
                 self.config.policy,
                 self.state,
-                InputCache(self.state.cache, http),
+                InputCache(self.state.cache, http, self.config.inputs.unpack_limits()),
                 self.runner,
                 self,
             )
