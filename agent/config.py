@@ -62,6 +62,8 @@ class PolicySection(Section):
     max_memory_mb: Annotated[int, Field(gt=0)] | None = None
     max_gpus: Annotated[int, Field(ge=0)] | None = None
     max_walltime_s: Annotated[int, Field(gt=0)] | None = None
+    # Jobs with network = "egress" get outbound access only where this is true.
+    allow_egress: bool = False
 
 
 class InputsSection(Section):
@@ -123,8 +125,15 @@ class PodmanSection(Section):
     socket: str | None = None
     user: str | None = None
     tmpfs_size: str = "256m"
+    shm_size: str = "64m"
     log_cap_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    log_file_max_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
     ulimits: dict[str, tuple[int, int]] = {}
+    # Numeric UID:GID that jobs run as inside the container.
+    container_user: Annotated[str, Field(pattern=r"^[0-9]+:[0-9]+$")] = "1000:1000"
+    output_max_bytes: Annotated[int, Field(gt=0)] = 1024**3
+    output_max_entries: Annotated[int, Field(gt=0)] = 10_000
+    block_user_namespaces: bool = True
 
     def socket_url(self) -> str:
         if self.socket and self.user:
@@ -146,6 +155,9 @@ class PodmanSection(Section):
 
 class RunnerSection(Section):
     kind: Literal["podman", "null"] = "podman"
+    # Stop at start, instead of serving with a warning, when the runtime cannot
+    # enforce the memory, CPU and pids cgroup limits (rootless podman on cgroup v1).
+    require_cgroup_limits: bool = False
     podman: PodmanSection = PodmanSection()
 
 

@@ -29,6 +29,7 @@ from fairu.protocol.models import (
     JobSpec,
     Registration,
     RootChain,
+    SandboxInfo,
     StatusEvent,
     utc_now,
 )
@@ -42,11 +43,12 @@ from fairu.protocol.topology import (
     result_routing_key,
     status_routing_key,
 )
-from fairu.runners.base import Runner, RunnerUnavailable
+from fairu.runners.base import Runner, RunnerError
 
 from .config import SiteConfig
 from .fetch import InputCache
 from .pipeline import JobPipeline, Outcome, PipelineSettings, message_digest
+from .policy import review_sandbox
 from .probe import Capacity, probe_capacity
 from .session import AmqpSession, Delivery, SessionError
 from .state import Identity, StateDir
@@ -94,6 +96,7 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pipeline: JobPipeline | None = None
         self.trust: TrustStore | None = None
+        self.sandbox: SandboxInfo | None = None
 
     @property
     def agent_id(self) -> str:
@@ -147,8 +150,12 @@ class Agent:
         )
         try:
             await self.runner.check()
-        except RunnerUnavailable as exc:
+            self.sandbox = await self.runner.describe_sandbox()
+        except RunnerError as exc:
             raise AgentError(str(exc)) from None
+        problem = review_sandbox(self.sandbox, self.config.runner, self.agent_id)
+        if problem:
+            raise AgentError(problem)
         removed = await self.runner.remove_labelled(self.agent_id)
         if removed:
             logger.warning("agent %s removed %d containers left from before", self.agent_id, removed)
@@ -503,6 +510,7 @@ class Agent:
             running_jobs=sorted(self.running),
             free_slots=self.free_slots,
             enrollment_token=self.config.agent.read_enrollment_token(),
+            sandbox=self.sandbox,
             at=utc_now(),
         )
         body = sign_model(registration, self.identity.key, self.identity.agent_id)
@@ -560,7 +568,13 @@ def build_runner(config: SiteConfig) -> Runner:
     settings = PodmanSettings(
         socket_url=podman.socket_url(),
         tmpfs_size=podman.tmpfs_size,
+        shm_size=podman.shm_size,
         log_cap_bytes=podman.log_cap_bytes,
+        log_file_max_bytes=podman.log_file_max_bytes,
+        user=podman.container_user,
+        output_max_bytes=podman.output_max_bytes,
+        output_max_entries=podman.output_max_entries,
+        block_user_namespaces=podman.block_user_namespaces,
         **({"ulimits": dict(podman.ulimits)} if podman.ulimits else {}),
     )
     return PodmanRunner(settings)
