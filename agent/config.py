@@ -71,7 +71,9 @@ class InputsSection(Section):
 
     max_unpacked_bytes: Annotated[int, Field(gt=0)] = UnpackLimits.max_bytes
     max_unpacked_members: Annotated[int, Field(gt=0)] = UnpackLimits.max_members
-    max_unpacked_member_bytes: Annotated[int, Field(gt=0)] = UnpackLimits.max_member_bytes
+    max_unpacked_member_bytes: Annotated[int, Field(gt=0)] = (
+        UnpackLimits.max_member_bytes
+    )
     max_compression_ratio: Annotated[float, Field(gt=0)] = UnpackLimits.max_ratio
 
     def unpack_limits(self) -> UnpackLimits:

@@ -123,7 +123,12 @@ class InputCache:
         target = self.unpacked / name
         if not target.exists():
             await asyncio.to_thread(
-                extract_bundle, archive, target, spec.unpack, spec.name, self.unpack_limits
+                extract_bundle,
+                archive,
+                target,
+                spec.unpack,
+                spec.name,
+                self.unpack_limits,
             )
         return target
 

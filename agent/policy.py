@@ -67,7 +67,9 @@ def _check_resources(job: JobSpec, policy: PolicySection) -> None:
             )
 
 
-def review_sandbox(sandbox: SandboxInfo, runner: RunnerSection, agent_id: str) -> str | None:
+def review_sandbox(
+    sandbox: SandboxInfo, runner: RunnerSection, agent_id: str
+) -> str | None:
     """Log what this host does not confine, and return why the agent must not serve.
 
     None means it may serve: the cgroup limits are enforced, or the site accepts

@@ -58,7 +58,9 @@ class UnpackLimits:
 class _Budget:
     """Counts members and expanded bytes against `UnpackLimits`."""
 
-    def __init__(self, limits: UnpackLimits, archive_bytes: int, input_name: str) -> None:
+    def __init__(
+        self, limits: UnpackLimits, archive_bytes: int, input_name: str
+    ) -> None:
         self.limits = limits
         self.archive_bytes = max(1, archive_bytes)
         self.input_name = input_name
@@ -81,7 +83,10 @@ class _Budget:
                 "bundle"
             )
         ratio = self.expanded_bytes / self.archive_bytes
-        if self.expanded_bytes > RATIO_CHECK_FLOOR_BYTES and ratio > self.limits.max_ratio:
+        if (
+            self.expanded_bytes > RATIO_CHECK_FLOOR_BYTES
+            and ratio > self.limits.max_ratio
+        ):
             self._reject(
                 f"expands {ratio:.0f} times its archive size of {self.archive_bytes} "
                 f"bytes, above the limit of {self.limits.max_ratio:g}; a decompression "
@@ -90,7 +95,8 @@ class _Budget:
 
     def _reject(self, problem: str) -> None:
         raise JobError(
-            ErrorCode.INPUT_TOO_LARGE, f"input {self.input_name!r}: the bundle {problem}"
+            ErrorCode.INPUT_TOO_LARGE,
+            f"input {self.input_name!r}: the bundle {problem}",
         )
 
 
@@ -135,7 +141,9 @@ def _check_member_name(name: str, input_name: str) -> PurePosixPath:
     The path of "./" and "." has no parts, and only a folder may have that name.
     """
     if "\\" in name or "\x00" in name:
-        raise _unsafe(input_name, f"member {_preview(name)} has a backslash or NUL in its name")
+        raise _unsafe(
+            input_name, f"member {_preview(name)} has a backslash or NUL in its name"
+        )
     path = PurePosixPath(name)
     if path.is_absolute():
         raise _unsafe(input_name, f"member {_preview(name)} has an absolute path")
@@ -143,7 +151,8 @@ def _check_member_name(name: str, input_name: str) -> PurePosixPath:
         raise _unsafe(input_name, f"member {_preview(name)} has a '..' component")
     if len(path.parts) > MAX_DEPTH:
         raise _unsafe(
-            input_name, f"member {_preview(name)} is nested deeper than {MAX_DEPTH} levels"
+            input_name,
+            f"member {_preview(name)} is nested deeper than {MAX_DEPTH} levels",
         )
     return path
 
@@ -155,20 +164,24 @@ def _check_link_target(
     if os.path.isabs(link_target):
         raise _unsafe(
             input_name,
-            f"link {_preview(str(member))} points to the absolute path {_preview(link_target)}",
+            f"link {_preview(str(member))} points to the absolute path "
+            f"{_preview(link_target)}",
         )
     resolved = os.path.realpath(root / member.parent / link_target)
     if os.path.commonpath([resolved, os.path.realpath(root)]) != os.path.realpath(root):
         raise _unsafe(
             input_name,
-            f"link {_preview(str(member))} points outside the bundle ({_preview(link_target)})",
+            f"link {_preview(str(member))} points outside the bundle "
+            f"({_preview(link_target)})",
         )
 
 
 # --- tar -------------------------------------------------------------------------
 
 
-def _extract_tar(archive: Path, staging: Path, input_name: str, budget: _Budget) -> None:
+def _extract_tar(
+    archive: Path, staging: Path, input_name: str, budget: _Budget
+) -> None:
     seen: set[PurePosixPath] = set()
 
     def check(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo | None:
@@ -177,7 +190,9 @@ def _extract_tar(archive: Path, staging: Path, input_name: str, budget: _Budget)
             if member.isdir():
                 # "./", the root that `tar -C folder -c .` writes first.
                 return None
-            raise _unsafe(input_name, f"member {_preview(member.name)} has an empty name")
+            raise _unsafe(
+                input_name, f"member {_preview(member.name)} has an empty name"
+            )
         if path in seen and not member.isdir():
             raise _unsafe(input_name, f"member {_preview(member.name)} appears twice")
         seen.add(path)
@@ -209,7 +224,9 @@ def _extract_tar(archive: Path, staging: Path, input_name: str, budget: _Budget)
 # --- zip -------------------------------------------------------------------------
 
 
-def _extract_zip(archive: Path, staging: Path, input_name: str, budget: _Budget) -> None:
+def _extract_zip(
+    archive: Path, staging: Path, input_name: str, budget: _Budget
+) -> None:
     try:
         with zipfile.ZipFile(archive) as bundle:
             members = bundle.infolist()
@@ -217,7 +234,9 @@ def _extract_zip(archive: Path, staging: Path, input_name: str, budget: _Budget)
             checked = [_check_zip_member(info, input_name) for info in members]
             if len(set(checked)) != len(checked):
                 duplicate = next(p for p in checked if checked.count(p) > 1)
-                raise _unsafe(input_name, f"member {_preview(str(duplicate))} appears twice")
+                raise _unsafe(
+                    input_name, f"member {_preview(str(duplicate))} appears twice"
+                )
             for info in members:
                 budget.add(info.filename, 0 if info.is_dir() else info.file_size)
             for info, path in zip(members, checked, strict=True):
@@ -252,7 +271,9 @@ def _check_zip_member(info: zipfile.ZipInfo, input_name: str) -> PurePosixPath:
         )
     if kind == stat.S_IFLNK and info.file_size > MAX_ZIP_LINK_BYTES:
         raise _unsafe(
-            input_name, f"link {_preview(info.filename)} has a target over {MAX_ZIP_LINK_BYTES} bytes"
+            input_name,
+            f"link {_preview(info.filename)} has a target over "
+            f"{MAX_ZIP_LINK_BYTES} bytes",
         )
     return path
 
@@ -292,8 +313,8 @@ def _copy_bounded(
         if written > info.file_size:
             raise JobError(
                 ErrorCode.INPUT_TOO_LARGE,
-                f"input {input_name!r}: member {_preview(info.filename)} expands past its "
-                f"declared size of {info.file_size} bytes",
+                f"input {input_name!r}: member {_preview(info.filename)} expands "
+                f"past its declared size of {info.file_size} bytes",
             )
         output.write(chunk)
 

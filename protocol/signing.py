@@ -285,7 +285,9 @@ def _load_json(text: str, part: str) -> object:
 def _check_version(version: object, part: str) -> None:
     # `type() is int` keeps true and 1.0, which equal 1 in Python, out.
     if type(version) is not int or version != PROTOCOL_VERSION:
-        preview = repr(version) if len(repr(version)) <= 40 else repr(version)[:40] + "..."
+        preview = repr(version)
+        if len(preview) > 40:
+            preview = preview[:40] + "..."
         raise RejectedError(
             ErrorCode.UNSUPPORTED_VERSION,
             f"{part} protocol version {preview} is not supported; this agent speaks "
@@ -315,7 +317,8 @@ def _validation_code(exc: ValidationError, invalid_code: ErrorCode) -> ErrorCode
 
 def _reject_constant(name: str) -> float:
     raise _JsonDefect(
-        ErrorCode.NON_FINITE_NUMBER, f"contains {name}, which fairu messages do not allow"
+        ErrorCode.NON_FINITE_NUMBER,
+        f"contains {name}, which fairu messages do not allow",
     )
 
 

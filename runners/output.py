@@ -71,7 +71,7 @@ def check_output(root: str, limits: OutputLimits) -> str | None:
             used_bytes += info.st_blocks * 512
             if used_bytes > limits.max_bytes:
                 return (
-                    f"the output folder uses more than {limits.max_bytes} bytes of disk, "
-                    "the limit of this site"
+                    f"the output folder uses more than {limits.max_bytes} bytes of "
+                    "disk, the limit of this site"
                 )
     return None

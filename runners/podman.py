@@ -354,7 +354,8 @@ class PodmanRunner:
             enforced = {"memory": True, "cpu": True, "pids": True}
         elif host.cgroup_version == "v2":
             enforced = {
-                name: name in host.cgroup_controllers for name in ("memory", "cpu", "pids")
+                name: name in host.cgroup_controllers
+                for name in ("memory", "cpu", "pids")
             }
         else:
             enforced = {"memory": False, "cpu": False, "pids": False}
@@ -388,7 +389,9 @@ class PodmanRunner:
             await self._start(container, spec)
             started = time.monotonic()
             logger.info("job %s: started container %s", spec.job_id, container.id[:12])
-            ending = await self._wait(container, spec, deadline=started + spec.walltime_s)
+            ending = await self._wait(
+                container, spec, deadline=started + spec.walltime_s
+            )
             run_s = time.monotonic() - started
             watching.cancel()
             log_watch.observe()
@@ -906,7 +909,9 @@ class PodmanRunner:
             # NOTE: this path (an agent running as the socket's user) has not run on
             # fairu's test hosts, where the agent runs as root.
             os.chmod(spec.output_dir, 0o700)
-            _podman_unshare(["chown", f"{uid}:{gid}", str(spec.output_dir)], spec.job_id)
+            _podman_unshare(
+                ["chown", f"{uid}:{gid}", str(spec.output_dir)], spec.job_id
+            )
         elif spec.output_dir.stat().st_uid != host_uid:
             raise ContainerError(
                 f"output directory {spec.output_dir} of job {spec.job_id} must belong "
@@ -926,7 +931,9 @@ class PodmanRunner:
             return
         try:
             # Container root is the socket's user. -h changes links, not their targets.
-            _podman_unshare(["chown", "-R", "-h", "0:0", str(spec.output_dir)], spec.job_id)
+            _podman_unshare(
+                ["chown", "-R", "-h", "0:0", str(spec.output_dir)], spec.job_id
+            )
         except ContainerError as error:
             logger.error("job %s: %s", spec.job_id, error)
 

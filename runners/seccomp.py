@@ -34,14 +34,18 @@ def block_user_namespaces(profile: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("the seccomp profile has no 'syscalls' list")
     other_rules = []
     for rule in rules:
-        names = [name for name in rule.get("names", []) if name not in NAMESPACE_SYSCALLS]
+        names = [
+            name for name in rule.get("names", []) if name not in NAMESPACE_SYSCALLS
+        ]
         if names:
             other_rules.append({**rule, "names": names})
     derived["syscalls"] = other_rules + _namespace_rules()
     return derived
 
 
-def _flags_rule(name: str, index: int, action: str, with_newuser: bool) -> dict[str, Any]:
+def _flags_rule(
+    name: str, index: int, action: str, with_newuser: bool
+) -> dict[str, Any]:
     rule: dict[str, Any] = {
         "names": [name],
         "action": action,
@@ -69,5 +73,7 @@ def _namespace_rules() -> list[dict[str, Any]]:
         s390_rule = _flags_rule("clone", 1, action, with_newuser)
         s390_rule["includes"] = {"arches": S390_ARCHES}
         rules.append(s390_rule)
-    rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})
+    rules.append(
+        {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS}
+    )
     return rules

@@ -109,14 +109,18 @@ def test_required_cgroup_limits_exit(tmp_path, signing_key, broker_url, podman_s
 
 
 @pytest.mark.podman
-async def test_registration_reports_sandbox(amqp, competition, start_agent, podman_socket):
+async def test_registration_reports_sandbox(
+    amqp, competition, start_agent, podman_socket
+):
     from fairu.protocol.errors import RejectedError
     from fairu.protocol.models import Registration
     from fairu.protocol.signing import open_unverified
     from fairu.protocol.topology import EVENTS_EXCHANGE
 
     registrations: list[Registration] = []
-    queue = await amqp.declare_queue("", durable=False, exclusive=True, auto_delete=True)
+    queue = await amqp.declare_queue(
+        "", durable=False, exclusive=True, auto_delete=True
+    )
     await amqp.bind(queue, EVENTS_EXCHANGE, "agent.registration.#")
 
     def on_registration(delivery) -> None:

@@ -46,7 +46,7 @@ max_unpacked_bytes = 268435456
 @dataclass
 class Case:
     name: str
-    # Returns the message body, given the valid job and the helpers below.
+    # Builds the message body with the helpers of `Corpus`.
     build: Callable[["Corpus"], bytes]
     code: str
     dead_lettered: bool = True
@@ -109,7 +109,9 @@ def tar_of(add: Callable[[tarfile.TarFile], None], mode: str = "w") -> bytes:
     return buffer.getvalue()
 
 
-def tar_member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "", data: bytes = b""):
+def tar_member(
+    name: str, kind: bytes = tarfile.REGTYPE, link: str = "", data: bytes = b""
+):
     def add(bundle: tarfile.TarFile) -> None:
         info = tarfile.TarInfo(name)
         info.type = kind
@@ -150,13 +152,17 @@ def tampered(corpus: Corpus) -> bytes:
 
 
 def unknown_key(corpus: Corpus) -> bytes:
-    envelope = sign_payload(corpus.job().model_dump_json().encode(), generate_private_key())
+    envelope = sign_payload(
+        corpus.job().model_dump_json().encode(), generate_private_key()
+    )
     return envelope.model_dump_json().encode()
 
 
 def expired(corpus: Corpus) -> bytes:
     now = utc_now()
-    job = corpus.job(created_at=now - timedelta(hours=2), expires_at=now - timedelta(hours=1))
+    job = corpus.job(
+        created_at=now - timedelta(hours=2), expires_at=now - timedelta(hours=1)
+    )
     return corpus.signing_key.sign(job)
 
 
@@ -166,112 +172,233 @@ def wrong_queue(corpus: Corpus) -> bytes:
 
 CASES = [
     # The envelope, before any signature check.
-    Case("envelope-too-large", lambda c: b"{" + b" " * (MIB + 10) + b"}", "message_too_large"),
+    Case(
+        "envelope-too-large",
+        lambda c: b"{" + b" " * (MIB + 10) + b"}",
+        "message_too_large",
+    ),
     Case("envelope-not-utf8", lambda c: b'{"key_id": "\xff\xfe"}', "invalid_utf8"),
     Case("envelope-not-json", lambda c: b"hello, agent", "malformed_json"),
     Case("envelope-deep-nesting", lambda c: b"[" * 200_000, "malformed_json"),
-    Case("envelope-duplicate-key",
-         lambda c: b'{"key_id": "a", "key_id": "b", "signature": "", "payload": ""}',
-         "malformed_json"),
+    Case(
+        "envelope-duplicate-key",
+        lambda c: b'{"key_id": "a", "key_id": "b", "signature": "", "payload": ""}',
+        "malformed_json",
+    ),
     Case("envelope-array", lambda c: b"[1, 2, 3]", "wrong_type"),
-    Case("envelope-key-id-number", lambda c: json.dumps(c.envelope(key_id=7)).encode(),
-         "wrong_type"),
-    Case("envelope-missing-signature",
-         lambda c: json.dumps({k: v for k, v in c.envelope().items() if k != "signature"})
-         .encode(), "missing_field"),
-    Case("envelope-unknown-field", lambda c: json.dumps(c.envelope(route="x")).encode(),
-         "unknown_field"),
-    Case("envelope-version-2", lambda c: json.dumps(c.envelope(protocol=2)).encode(),
-         "unsupported_version"),
-    Case("envelope-nan", lambda c: json.dumps(c.envelope(extra=float("nan"))).encode(),
-         "non_finite_number"),
-    Case("envelope-huge-integer",
-         lambda c: json.dumps(c.envelope(extra=10**40)).encode(), "number_out_of_range"),
-    Case("envelope-long-signature",
-         lambda c: json.dumps(c.envelope(signature="A" * 4096)).encode(), "string_too_long"),
-    Case("envelope-payload-not-base64",
-         lambda c: json.dumps(c.envelope(payload="not base64!")).encode(), "bad_envelope"),
+    Case(
+        "envelope-key-id-number",
+        lambda c: json.dumps(c.envelope(key_id=7)).encode(),
+        "wrong_type",
+    ),
+    Case(
+        "envelope-missing-signature",
+        lambda c: json.dumps(
+            {k: v for k, v in c.envelope().items() if k != "signature"}
+        ).encode(),
+        "missing_field",
+    ),
+    Case(
+        "envelope-unknown-field",
+        lambda c: json.dumps(c.envelope(route="x")).encode(),
+        "unknown_field",
+    ),
+    Case(
+        "envelope-version-2",
+        lambda c: json.dumps(c.envelope(protocol=2)).encode(),
+        "unsupported_version",
+    ),
+    Case(
+        "envelope-nan",
+        lambda c: json.dumps(c.envelope(extra=float("nan"))).encode(),
+        "non_finite_number",
+    ),
+    Case(
+        "envelope-huge-integer",
+        lambda c: json.dumps(c.envelope(extra=10**40)).encode(),
+        "number_out_of_range",
+    ),
+    Case(
+        "envelope-long-signature",
+        lambda c: json.dumps(c.envelope(signature="A" * 4096)).encode(),
+        "string_too_long",
+    ),
+    Case(
+        "envelope-payload-not-base64",
+        lambda c: json.dumps(c.envelope(payload="not base64!")).encode(),
+        "bad_envelope",
+    ),
     Case("envelope-unknown-key", unknown_key, "unknown_key"),
     Case("envelope-tampered-payload", tampered, "bad_signature"),
     # The payload, signed by the trusted key.
-    Case("payload-not-utf8", lambda c: c.sign_bytes(b'{"protocol": 1, "x": "\xff"}'),
-         "invalid_utf8"),
-    Case("payload-malformed", lambda c: c.sign_bytes(b'{"protocol": 1, "job_id": '),
-         "malformed_json"),
-    Case("payload-duplicate-key",
-         lambda c: c.sign_bytes(json.dumps(c.job_dict())[:-1].encode()
-                                + b', "job_id": "other"}'), "malformed_json"),
-    Case("payload-nan", lambda c: c.sign_bytes(b'{"protocol": 1, "kind": "job", "x": NaN}'),
-         "non_finite_number"),
-    Case("payload-infinite-cpus",
-         lambda c: c.sign_bytes(json.dumps(c.job_dict(resources={"cpus": float("inf")}))
-                                .encode()), "non_finite_number"),
-    Case("payload-huge-memory",
-         lambda c: c.sign_dict(c.job_dict(resources={"memory_mb": 10**30})),
-         "number_out_of_range"),
-    Case("payload-walltime-too-long",
-         lambda c: c.sign_dict(c.job_dict(resources={"walltime_s": 10**9})),
-         "number_out_of_range"),
-    Case("payload-cpus-string", lambda c: c.sign_dict(c.job_dict(resources={"cpus": "2"})),
-         "wrong_type"),
-    Case("payload-missing-job-id", lambda c: c.sign_dict(c.job_dict(job_id=None)),
-         "missing_field"),
-    Case("payload-unknown-field", lambda c: c.sign_dict(c.job_dict(priority=10)),
-         "unknown_field"),
-    Case("payload-huge-image", lambda c: c.sign_dict(c.job_dict(image="x" * 100_000)),
-         "string_too_long"),
-    Case("payload-too-many-env",
-         lambda c: c.sign_dict(c.job_dict(env={f"V{i}": "1" for i in range(100)})),
-         "too_many_items"),
-    Case("payload-version-2", lambda c: c.sign_dict(c.job_dict(protocol=2)),
-         "unsupported_version"),
-    Case("payload-bad-job-id", lambda c: c.sign_dict(c.job_dict(job_id="../../etc")),
-         "bad_payload"),
+    Case(
+        "payload-not-utf8",
+        lambda c: c.sign_bytes(b'{"protocol": 1, "x": "\xff"}'),
+        "invalid_utf8",
+    ),
+    Case(
+        "payload-malformed",
+        lambda c: c.sign_bytes(b'{"protocol": 1, "job_id": '),
+        "malformed_json",
+    ),
+    Case(
+        "payload-duplicate-key",
+        lambda c: c.sign_bytes(
+            json.dumps(c.job_dict())[:-1].encode() + b', "job_id": "other"}'
+        ),
+        "malformed_json",
+    ),
+    Case(
+        "payload-nan",
+        lambda c: c.sign_bytes(b'{"protocol": 1, "kind": "job", "x": NaN}'),
+        "non_finite_number",
+    ),
+    Case(
+        "payload-infinite-cpus",
+        lambda c: c.sign_bytes(
+            json.dumps(c.job_dict(resources={"cpus": float("inf")})).encode()
+        ),
+        "non_finite_number",
+    ),
+    Case(
+        "payload-huge-memory",
+        lambda c: c.sign_dict(c.job_dict(resources={"memory_mb": 10**30})),
+        "number_out_of_range",
+    ),
+    Case(
+        "payload-walltime-too-long",
+        lambda c: c.sign_dict(c.job_dict(resources={"walltime_s": 10**9})),
+        "number_out_of_range",
+    ),
+    Case(
+        "payload-cpus-string",
+        lambda c: c.sign_dict(c.job_dict(resources={"cpus": "2"})),
+        "wrong_type",
+    ),
+    Case(
+        "payload-missing-job-id",
+        lambda c: c.sign_dict(c.job_dict(job_id=None)),
+        "missing_field",
+    ),
+    Case(
+        "payload-unknown-field",
+        lambda c: c.sign_dict(c.job_dict(priority=10)),
+        "unknown_field",
+    ),
+    Case(
+        "payload-huge-image",
+        lambda c: c.sign_dict(c.job_dict(image="x" * 100_000)),
+        "string_too_long",
+    ),
+    Case(
+        "payload-too-many-env",
+        lambda c: c.sign_dict(c.job_dict(env={f"V{i}": "1" for i in range(100)})),
+        "too_many_items",
+    ),
+    Case(
+        "payload-version-2",
+        lambda c: c.sign_dict(c.job_dict(protocol=2)),
+        "unsupported_version",
+    ),
+    Case(
+        "payload-bad-job-id",
+        lambda c: c.sign_dict(c.job_dict(job_id="../../etc")),
+        "bad_payload",
+    ),
     Case("payload-expired", expired, "expired"),
     Case("payload-wrong-queue", wrong_queue, "audience_mismatch"),
-    Case("payload-egress", lambda c: c.signing_key.sign(c.job(network="egress")),
-         "egress_not_allowed"),
+    Case(
+        "payload-egress",
+        lambda c: c.signing_key.sign(c.job(network="egress")),
+        "egress_not_allowed",
+    ),
     # Bundles of otherwise valid jobs: the job fails, the message is acked.
-    Case("tar-absolute-path",
-         lambda c: c.with_input(tar_of(tar_member("/etc/cron.d/job", data=b"x")), "tar"),
-         "input_unsafe_member", dead_lettered=False),
-    Case("tar-dotdot",
-         lambda c: c.with_input(tar_of(tar_member("a/../../escape", data=b"x")), "tar"),
-         "input_unsafe_member", dead_lettered=False),
-    Case("tar-symlink-outside",
-         lambda c: c.with_input(tar_of(tar_member("up", tarfile.SYMTYPE, "../../..")), "tar"),
-         "input_unsafe_member", dead_lettered=False),
-    Case("tar-hardlink-outside",
-         lambda c: c.with_input(
-             tar_of(tar_member("shadow", tarfile.LNKTYPE, "/etc/shadow")), "tar"),
-         "input_unsafe_member", dead_lettered=False),
-    Case("tar-device",
-         lambda c: c.with_input(tar_of(tar_member("sda", tarfile.BLKTYPE)), "tar"),
-         "input_unsafe_member", dead_lettered=False),
-    Case("tar-too-many-files",
-         lambda c: c.with_input(tar_of(too_many_files), "tar"),
-         "input_too_large", dead_lettered=False),
-    Case("tar-gzip-bomb",
-         lambda c: c.with_input(tar_of(zeros_member(96 * MIB), "w:gz"), "tar"),
-         "input_too_large", dead_lettered=False),
-    Case("zip-absolute-path",
-         lambda c: c.with_input(zip_of([("/etc/passwd", b"x", stat.S_IFREG | 0o644)]), "zip"),
-         "input_unsafe_member", dead_lettered=False),
-    Case("zip-symlink-outside",
-         lambda c: c.with_input(zip_of([("up", b"../..", stat.S_IFLNK | 0o777)]), "zip"),
-         "input_unsafe_member", dead_lettered=False),
-    Case("zip-bomb",
-         lambda c: c.with_input(
-             zip_of([("zeros.bin", bytes(96 * MIB), stat.S_IFREG | 0o644)]), "zip"),
-         "input_too_large", dead_lettered=False),
-    Case("zip-corrupt", lambda c: c.with_input(b"PK\x03\x04 truncated", "zip"),
-         "input_unpack_failed", dead_lettered=False),
-    Case("input-digest-mismatch",
-         lambda c: c.with_input(b"bytes", "none", sha256="0" * 64),
-         "input_digest_mismatch", dead_lettered=False),
-    Case("input-not-found",
-         lambda c: c.with_input(b"bytes", "none", url=c.server.url("missing")),
-         "input_fetch_failed", dead_lettered=False),
+    Case(
+        "tar-absolute-path",
+        lambda c: c.with_input(tar_of(tar_member("/etc/cron.d/job", data=b"x")), "tar"),
+        "input_unsafe_member",
+        dead_lettered=False,
+    ),
+    Case(
+        "tar-dotdot",
+        lambda c: c.with_input(tar_of(tar_member("a/../../escape", data=b"x")), "tar"),
+        "input_unsafe_member",
+        dead_lettered=False,
+    ),
+    Case(
+        "tar-symlink-outside",
+        lambda c: c.with_input(
+            tar_of(tar_member("up", tarfile.SYMTYPE, "../../..")), "tar"
+        ),
+        "input_unsafe_member",
+        dead_lettered=False,
+    ),
+    Case(
+        "tar-hardlink-outside",
+        lambda c: c.with_input(
+            tar_of(tar_member("shadow", tarfile.LNKTYPE, "/etc/shadow")), "tar"
+        ),
+        "input_unsafe_member",
+        dead_lettered=False,
+    ),
+    Case(
+        "tar-device",
+        lambda c: c.with_input(tar_of(tar_member("sda", tarfile.BLKTYPE)), "tar"),
+        "input_unsafe_member",
+        dead_lettered=False,
+    ),
+    Case(
+        "tar-too-many-files",
+        lambda c: c.with_input(tar_of(too_many_files), "tar"),
+        "input_too_large",
+        dead_lettered=False,
+    ),
+    Case(
+        "tar-gzip-bomb",
+        lambda c: c.with_input(tar_of(zeros_member(96 * MIB), "w:gz"), "tar"),
+        "input_too_large",
+        dead_lettered=False,
+    ),
+    Case(
+        "zip-absolute-path",
+        lambda c: c.with_input(
+            zip_of([("/etc/passwd", b"x", stat.S_IFREG | 0o644)]), "zip"
+        ),
+        "input_unsafe_member",
+        dead_lettered=False,
+    ),
+    Case(
+        "zip-symlink-outside",
+        lambda c: c.with_input(zip_of([("up", b"../..", stat.S_IFLNK | 0o777)]), "zip"),
+        "input_unsafe_member",
+        dead_lettered=False,
+    ),
+    Case(
+        "zip-bomb",
+        lambda c: c.with_input(
+            zip_of([("zeros.bin", bytes(96 * MIB), stat.S_IFREG | 0o644)]), "zip"
+        ),
+        "input_too_large",
+        dead_lettered=False,
+    ),
+    Case(
+        "zip-corrupt",
+        lambda c: c.with_input(b"PK\x03\x04 truncated", "zip"),
+        "input_unpack_failed",
+        dead_lettered=False,
+    ),
+    Case(
+        "input-digest-mismatch",
+        lambda c: c.with_input(b"bytes", "none", sha256="0" * 64),
+        "input_digest_mismatch",
+        dead_lettered=False,
+    ),
+    Case(
+        "input-not-found",
+        lambda c: c.with_input(b"bytes", "none", url=c.server.url("missing")),
+        "input_fetch_failed",
+        dead_lettered=False,
+    ),
 ]
 
 
@@ -285,9 +412,13 @@ class Collector:
 
 
 async def collect(amqp: Any, collector: Collector, queue_name: str) -> None:
-    results_queue = await amqp.declare_queue("", durable=False, exclusive=True, auto_delete=True)
+    results_queue = await amqp.declare_queue(
+        "", durable=False, exclusive=True, auto_delete=True
+    )
     await amqp.bind(results_queue, RESULTS_EXCHANGE, "result.#")
-    dead_queue = await amqp.declare_queue("", durable=False, exclusive=True, auto_delete=True)
+    dead_queue = await amqp.declare_queue(
+        "", durable=False, exclusive=True, auto_delete=True
+    )
     # The dead-letter exchange is a fanout, so this queue gets a copy of every
     # dead letter; only those from this test's job queue are kept.
     await amqp.bind(dead_queue, DEAD_LETTER_EXCHANGE, "")
@@ -305,7 +436,9 @@ async def collect(amqp: Any, collector: Collector, queue_name: str) -> None:
         amqp.ack(delivery.delivery_tag)
         deaths = (delivery.properties.headers or {}).get("x-death") or []
         # pika returns long strings in headers as str or as bytes.
-        if any(death.get("queue") in (queue_name, queue_name.encode()) for death in deaths):
+        if any(
+            death.get("queue") in (queue_name, queue_name.encode()) for death in deaths
+        ):
             collector.dead.add(delivery.body)
 
     await amqp.consume(results_queue, on_result)
@@ -326,7 +459,11 @@ async def test_bad_input_corpus_codes(
 
     bodies = [case.build(corpus) for case in CASES]
     normal = corpus.job(
-        command=["python3", "-c", "open('/output/scores.json', 'w').write('{\"ok\": 1}')"]
+        command=[
+            "python3",
+            "-c",
+            "open('/output/scores.json', 'w').write('{\"ok\": 1}')",
+        ]
     )
     for body in [*bodies, signing_key.sign(normal)]:
         await publish(competition, body)

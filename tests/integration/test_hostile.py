@@ -10,7 +10,6 @@ children stopped at 62 under this limit. RLIMIT_FSIZE is 64 MiB, /tmp 16 MiB,
 
 from __future__ import annotations
 
-import json
 import os
 import textwrap
 from dataclasses import dataclass, field
@@ -57,7 +56,8 @@ MEMORY_HOG = """
 block = bytearray(2 * 1024**3)
 """
 
-TMPFS_HOG = """
+TMPFS_HOG = (
+    """
 import json
 
 def fill(folder):
@@ -78,7 +78,9 @@ tmp_bytes, tmp_errno = fill("/tmp")
 shm_bytes, shm_errno = fill("/dev/shm")
 scores = {"tmp_bytes": tmp_bytes, "tmp_errno": tmp_errno,
           "shm_bytes": shm_bytes, "shm_errno": shm_errno}
-""" + SCORES
+"""
+    + SCORES
+)
 
 CPU_SPIN = """
 while True:
@@ -96,14 +98,18 @@ for i in range(100_000):
     open(f"/output/f{i}", "w").close()
 """
 
-LOG_FLOOD = """
+LOG_FLOOD = (
+    """
 import json, sys
 for i in range(400_000):
     sys.stdout.write("flood line %07d\\n" % i)
 scores = {"lines": 400_000}
-""" + SCORES
+"""
+    + SCORES
+)
 
-NETWORK = """
+NETWORK = (
+    """
 import json, os, socket
 
 def tcp(host, port):
@@ -130,9 +136,12 @@ scores = {"rabbitmq_loopback": tcp("127.0.0.1", 5672),
           "routes": len(open("/proc/net/route").read().splitlines()) - 1}
 for index, address in enumerate(os.environ["HOST_ADDRESSES"].split()):
     scores[f"rabbitmq_host_{index}"] = tcp(address, 5672)
-""" + SCORES
+"""
+    + SCORES
+)
 
-ROOT_FS_WRITES = """
+ROOT_FS_WRITES = (
+    """
 import json
 
 def write(path, mode="w"):
@@ -151,9 +160,12 @@ scores = {"etc_passwd": write("/etc/passwd", "a"),
           "home": write("/home/runner/fairu-hostile"),
           "cgroup": write("/sys/fs/cgroup/fairu-hostile"),
           "proc_sys": write("/proc/sys/kernel/hostname")}
-""" + SCORES
+"""
+    + SCORES
+)
 
-HOST_READS = """
+HOST_READS = (
+    """
 import json, os
 
 def read(path):
@@ -178,9 +190,12 @@ scores = {"etc_shadow": read("/etc/shadow"),
           "erlang_cookie": read("/var/lib/rabbitmq/.erlang.cookie"),
           "podman_run_dir": look(os.path.dirname(os.environ["PODMAN_SOCKET"])),
           "visible_pids": sum(1 for entry in os.listdir("/proc") if entry.isdigit())}
-""" + SCORES
+"""
+    + SCORES
+)
 
-SETUID = """
+SETUID = (
+    """
 import ctypes, json, os, subprocess, time
 
 scores = {}
@@ -207,12 +222,17 @@ libc = ctypes.CDLL(None, use_errno=True)
 scores["unshare_user"] = 0 if libc.unshare(0x10000000) == 0 else ctypes.get_errno()
 scores["mount_tmpfs"] = (0 if libc.mount(b"x", b"/tmp", b"tmpfs", 0, None) == 0
                          else ctypes.get_errno())
-""" + SCORES
+"""
+    + SCORES
+)
 
-NORMAL = """
+NORMAL = (
+    """
 import json
 scores = {"ok": 1}
-""" + SCORES
+"""
+    + SCORES
+)
 
 
 @dataclass
@@ -225,13 +245,34 @@ class Attack:
 
 
 ATTACKS = [
-    Attack("fork-bomb", FORK_BOMB, FinalStatus.TIMED_OUT, "timed_out", Resources(walltime_s=6)),
-    Attack("memory-hog", MEMORY_HOG, FinalStatus.FAILED, "nonzero_exit",
-           Resources(memory_mb=256, walltime_s=60)),
+    Attack(
+        "fork-bomb",
+        FORK_BOMB,
+        FinalStatus.TIMED_OUT,
+        "timed_out",
+        Resources(walltime_s=6),
+    ),
+    Attack(
+        "memory-hog",
+        MEMORY_HOG,
+        FinalStatus.FAILED,
+        "nonzero_exit",
+        Resources(memory_mb=256, walltime_s=60),
+    ),
     Attack("tmpfs-hog", TMPFS_HOG, FinalStatus.SUCCEEDED, None),
-    Attack("cpu-spin", CPU_SPIN, FinalStatus.TIMED_OUT, "timed_out", Resources(walltime_s=3)),
-    Attack("output-flood", OUTPUT_FLOOD, FinalStatus.OUTPUT_TOO_LARGE, "output_too_large"),
-    Attack("output-files", OUTPUT_FILES, FinalStatus.OUTPUT_TOO_LARGE, "output_too_large"),
+    Attack(
+        "cpu-spin",
+        CPU_SPIN,
+        FinalStatus.TIMED_OUT,
+        "timed_out",
+        Resources(walltime_s=3),
+    ),
+    Attack(
+        "output-flood", OUTPUT_FLOOD, FinalStatus.OUTPUT_TOO_LARGE, "output_too_large"
+    ),
+    Attack(
+        "output-files", OUTPUT_FILES, FinalStatus.OUTPUT_TOO_LARGE, "output_too_large"
+    ),
     Attack("log-flood", LOG_FLOOD, FinalStatus.SUCCEEDED, None),
     Attack("network", NETWORK, FinalStatus.SUCCEEDED, None),
     Attack("root-fs-writes", ROOT_FS_WRITES, FinalStatus.SUCCEEDED, None),
@@ -322,7 +363,10 @@ async def test_hostile_jobs_end_contained(
     assert cpu_spin.exit_code is None
     assert 3 <= cpu_spin.durations.run_s < 15
 
-    assert "uses more than 33554432 bytes of disk" in outcomes["output-flood"].error.message
+    assert (
+        "uses more than 33554432 bytes of disk"
+        in outcomes["output-flood"].error.message
+    )
     assert "more than 1000 files and folders" in outcomes["output-files"].error.message
 
     log_flood = outcomes["log-flood"]

@@ -10,11 +10,14 @@ from fairu.agent.pipeline import _describe_exit
 @pytest.mark.parametrize(
     "exit_code, description",
     [
-        pytest.param(152, " (SIGXCPU: CPU time limit (cpus × walltime_s) reached)", id="xcpu"),
+        pytest.param(
+            152, " (SIGXCPU: CPU time limit (cpus × walltime_s) reached)", id="xcpu"
+        ),
         pytest.param(153, " (SIGXFSZ: file size limit reached)", id="xfsz"),
         pytest.param(
             137,
-            " (SIGKILL: killed, for example by the out-of-memory killer or a hard rlimit)",
+            " (SIGKILL: killed, for example by the out-of-memory killer or a hard "
+            "rlimit)",
             id="kill",
         ),
         pytest.param(139, " (SIGSEGV)", id="segv"),

@@ -68,7 +68,9 @@ def test_sandbox_without_cgroups_warns(caplog):
 
 def test_sandbox_without_cgroups_stops_agent():
     problem = review_sandbox(
-        sandbox(pids_limit=True), RunnerSection(require_cgroup_limits=True), "site-agent"
+        sandbox(pids_limit=True),
+        RunnerSection(require_cgroup_limits=True),
+        "site-agent",
     )
 
     assert problem is not None
@@ -78,8 +80,9 @@ def test_sandbox_without_cgroups_stops_agent():
 
 def test_sandbox_with_cgroups_is_quiet(caplog):
     caplog.set_level(logging.WARNING, logger="fairu.agent.policy")
-    enforced = sandbox(cgroup_version="v2", memory_limit=True, cpu_limit=True,
-                       pids_limit=True)
+    enforced = sandbox(
+        cgroup_version="v2", memory_limit=True, cpu_limit=True, pids_limit=True
+    )
 
     problem = review_sandbox(enforced, RunnerSection(require_cgroup_limits=True), "a")
 
@@ -89,8 +92,12 @@ def test_sandbox_with_cgroups_is_quiet(caplog):
 
 def test_sandbox_open_user_namespaces_warn(caplog):
     caplog.set_level(logging.WARNING, logger="fairu.agent.policy")
-    open_namespaces = sandbox(memory_limit=True, cpu_limit=True, pids_limit=True,
-                              user_namespaces_blocked=False)
+    open_namespaces = sandbox(
+        memory_limit=True,
+        cpu_limit=True,
+        pids_limit=True,
+        user_namespaces_blocked=False,
+    )
 
     review_sandbox(open_namespaces, RunnerSection(), "a")
 
@@ -101,7 +108,12 @@ def test_sandbox_open_user_namespaces_warn(caplog):
 
 
 def test_null_runner_sandbox_accepted():
-    null = sandbox(runner="null", rootless=False, cgroup_version=None, rlimits=False,
-                   user_namespaces_blocked=False)
+    null = sandbox(
+        runner="null",
+        rootless=False,
+        cgroup_version=None,
+        rlimits=False,
+        user_namespaces_blocked=False,
+    )
 
     assert review_sandbox(null, RunnerSection(require_cgroup_limits=True), "a") is None

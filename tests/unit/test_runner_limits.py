@@ -10,7 +10,10 @@ from fairu.runners.seccomp import CLONE_NEWUSER, block_user_namespaces
 DEFAULT_PROFILE = {
     "defaultAction": "SCMP_ACT_ERRNO",
     "syscalls": [
-        {"names": ["read", "clone", "unshare", "clone3", "write"], "action": "SCMP_ACT_ALLOW"},
+        {
+            "names": ["read", "clone", "unshare", "clone3", "write"],
+            "action": "SCMP_ACT_ALLOW",
+        },
         {"names": ["unshare"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["X"]}},
     ],
 }
@@ -24,9 +27,16 @@ def test_seccomp_keeps_other_syscalls():
     derived = block_user_namespaces(DEFAULT_PROFILE)
 
     assert derived["defaultAction"] == "SCMP_ACT_ERRNO"
-    assert derived["syscalls"][0] == {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"}
+    assert derived["syscalls"][0] == {
+        "names": ["read", "write"],
+        "action": "SCMP_ACT_ALLOW",
+    }
     assert DEFAULT_PROFILE["syscalls"][0]["names"] == [
-        "read", "clone", "unshare", "clone3", "write"
+        "read",
+        "clone",
+        "unshare",
+        "clone3",
+        "write",
     ]
 
 
@@ -52,7 +62,10 @@ def test_output_within_limits(tmp_path):
     (tmp_path / "scores.json").write_text("{}")
     (tmp_path / "sub").mkdir()
 
-    assert check_output(str(tmp_path), OutputLimits(max_bytes=1 << 20, max_entries=10)) is None
+    assert (
+        check_output(str(tmp_path), OutputLimits(max_bytes=1 << 20, max_entries=10))
+        is None
+    )
 
 
 def test_output_counts_hard_links_once(tmp_path):
@@ -60,7 +73,9 @@ def test_output_counts_hard_links_once(tmp_path):
     for index in range(20):
         os.link(tmp_path / "data", tmp_path / f"link{index}")
 
-    problem = check_output(str(tmp_path), OutputLimits(max_bytes=200 * 1024, max_entries=100))
+    problem = check_output(
+        str(tmp_path), OutputLimits(max_bytes=200 * 1024, max_entries=100)
+    )
 
     assert problem is None
 
@@ -68,7 +83,9 @@ def test_output_counts_hard_links_once(tmp_path):
 def test_output_over_bytes(tmp_path):
     (tmp_path / "data").write_bytes(os.urandom(256 * 1024))
 
-    problem = check_output(str(tmp_path), OutputLimits(max_bytes=100 * 1024, max_entries=100))
+    problem = check_output(
+        str(tmp_path), OutputLimits(max_bytes=100 * 1024, max_entries=100)
+    )
 
     assert problem is not None
     assert "uses more than 102400 bytes of disk" in problem
@@ -78,7 +95,9 @@ def test_output_over_entries(tmp_path):
     for index in range(11):
         (tmp_path / f"f{index}").touch()
 
-    problem = check_output(str(tmp_path), OutputLimits(max_bytes=1 << 30, max_entries=10))
+    problem = check_output(
+        str(tmp_path), OutputLimits(max_bytes=1 << 30, max_entries=10)
+    )
 
     assert problem is not None
     assert "more than 10 files and folders" in problem
@@ -90,7 +109,9 @@ def test_output_too_deep(tmp_path):
         path = path / "d"
         path.mkdir()
 
-    problem = check_output(str(tmp_path), OutputLimits(max_bytes=1 << 30, max_entries=10**6))
+    problem = check_output(
+        str(tmp_path), OutputLimits(max_bytes=1 << 30, max_entries=10**6)
+    )
 
     assert problem == f"the output folder is nested deeper than {MAX_DEPTH} levels"
 
@@ -98,6 +119,8 @@ def test_output_too_deep(tmp_path):
 def test_output_does_not_follow_links(tmp_path):
     (tmp_path / "root").symlink_to("/")
 
-    problem = check_output(str(tmp_path), OutputLimits(max_bytes=1 << 20, max_entries=10))
+    problem = check_output(
+        str(tmp_path), OutputLimits(max_bytes=1 << 20, max_entries=10)
+    )
 
     assert problem is None

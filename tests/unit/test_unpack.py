@@ -113,69 +113,87 @@ def zeros_tar(size: int) -> bytes:
 
 BAD_TARS = [
     pytest.param(
-        lambda b: add_file(b, "/etc/cron.d/job"), ErrorCode.INPUT_UNSAFE_MEMBER,
+        lambda b: add_file(b, "/etc/cron.d/job"),
+        ErrorCode.INPUT_UNSAFE_MEMBER,
         id="absolute-path",
     ),
     pytest.param(
-        lambda b: add_file(b, "data/../../escape"), ErrorCode.INPUT_UNSAFE_MEMBER,
+        lambda b: add_file(b, "data/../../escape"),
+        ErrorCode.INPUT_UNSAFE_MEMBER,
         id="dotdot-escape",
     ),
     pytest.param(
-        lambda b: add_file(b, "data/../inside"), ErrorCode.INPUT_UNSAFE_MEMBER,
+        lambda b: add_file(b, "data/../inside"),
+        ErrorCode.INPUT_UNSAFE_MEMBER,
         id="dotdot-inside",
     ),
     pytest.param(
         lambda b: add_entry(b, "passwd", tarfile.SYMTYPE, "/etc/passwd"),
-        ErrorCode.INPUT_UNSAFE_MEMBER, id="symlink-absolute",
+        ErrorCode.INPUT_UNSAFE_MEMBER,
+        id="symlink-absolute",
     ),
     pytest.param(
         lambda b: add_entry(b, "up", tarfile.SYMTYPE, "../../.."),
-        ErrorCode.INPUT_UNSAFE_MEMBER, id="symlink-outside",
+        ErrorCode.INPUT_UNSAFE_MEMBER,
+        id="symlink-outside",
     ),
     pytest.param(
-        lambda b: (add_entry(b, "a", tarfile.SYMTYPE, "b"),
-                   add_entry(b, "b", tarfile.SYMTYPE, "..")),
-        ErrorCode.INPUT_UNSAFE_MEMBER, id="symlink-chain-outside",
+        lambda b: (
+            add_entry(b, "a", tarfile.SYMTYPE, "b"),
+            add_entry(b, "b", tarfile.SYMTYPE, ".."),
+        ),
+        ErrorCode.INPUT_UNSAFE_MEMBER,
+        id="symlink-chain-outside",
     ),
     pytest.param(
         lambda b: add_entry(b, "shadow", tarfile.LNKTYPE, "/etc/shadow"),
-        ErrorCode.INPUT_UNSAFE_MEMBER, id="hardlink-absolute",
+        ErrorCode.INPUT_UNSAFE_MEMBER,
+        id="hardlink-absolute",
     ),
     pytest.param(
         lambda b: add_entry(b, "shadow", tarfile.LNKTYPE, "../etc/shadow"),
-        ErrorCode.INPUT_UNSAFE_MEMBER, id="hardlink-outside",
+        ErrorCode.INPUT_UNSAFE_MEMBER,
+        id="hardlink-outside",
     ),
     pytest.param(
         lambda b: add_entry(b, "console", tarfile.CHRTYPE),
-        ErrorCode.INPUT_UNSAFE_MEMBER, id="char-device",
+        ErrorCode.INPUT_UNSAFE_MEMBER,
+        id="char-device",
     ),
     pytest.param(
         lambda b: add_entry(b, "disk", tarfile.BLKTYPE),
-        ErrorCode.INPUT_UNSAFE_MEMBER, id="block-device",
+        ErrorCode.INPUT_UNSAFE_MEMBER,
+        id="block-device",
     ),
     pytest.param(
         lambda b: add_entry(b, "pipe", tarfile.FIFOTYPE),
-        ErrorCode.INPUT_UNSAFE_MEMBER, id="fifo",
+        ErrorCode.INPUT_UNSAFE_MEMBER,
+        id="fifo",
     ),
     pytest.param(
         lambda b: (add_file(b, "twice", b"first"), add_file(b, "twice", b"second")),
-        ErrorCode.INPUT_UNSAFE_MEMBER, id="duplicate-member",
+        ErrorCode.INPUT_UNSAFE_MEMBER,
+        id="duplicate-member",
     ),
     pytest.param(
         lambda b: add_file(b, "/".join(["d"] * 200) + "/f"),
-        ErrorCode.INPUT_UNSAFE_MEMBER, id="too-deep",
+        ErrorCode.INPUT_UNSAFE_MEMBER,
+        id="too-deep",
     ),
     pytest.param(
         lambda b: [add_file(b, f"f{i}") for i in range(11)],
-        ErrorCode.INPUT_TOO_LARGE, id="too-many-members",
+        ErrorCode.INPUT_TOO_LARGE,
+        id="too-many-members",
     ),
     pytest.param(
         lambda b: add_file(b, "big", bytes(2 * MIB)),
-        ErrorCode.INPUT_TOO_LARGE, id="member-too-large",
+        ErrorCode.INPUT_TOO_LARGE,
+        id="member-too-large",
     ),
     pytest.param(
         lambda b: [add_file(b, f"part{i}", bytes(MIB)) for i in range(4)],
-        ErrorCode.INPUT_TOO_LARGE, id="total-too-large",
+        ErrorCode.INPUT_TOO_LARGE,
+        id="total-too-large",
     ),
 ]
 
@@ -185,8 +203,14 @@ def test_tar_rejects_bad_bundle(tmp_path, add, code):
     data = tar_bytes(add)
 
     with pytest.raises(JobError) as caught:
-        unpack_into(tmp_path, data, "tar", max_members=10, max_member_bytes=MIB,
-                    max_bytes=3 * MIB)
+        unpack_into(
+            tmp_path,
+            data,
+            "tar",
+            max_members=10,
+            max_member_bytes=MIB,
+            max_bytes=3 * MIB,
+        )
 
     assert caught.value.code is code, caught.value.message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.tar"]
@@ -215,7 +239,9 @@ def test_tar_ratio_ignored_below_floor(tmp_path):
 @pytest.mark.parametrize(
     "data, code",
     [
-        pytest.param(b"not an archive at all", ErrorCode.INPUT_UNPACK_FAILED, id="garbage"),
+        pytest.param(
+            b"not an archive at all", ErrorCode.INPUT_UNPACK_FAILED, id="garbage"
+        ),
         pytest.param(
             tar_bytes(lambda bundle: add_file(bundle, "f", bytes(4096)))[:1024],
             ErrorCode.INPUT_UNPACK_FAILED,
@@ -232,42 +258,53 @@ def test_tar_rejects_corrupt_archive(tmp_path, data, code):
 
 BAD_ZIPS = [
     pytest.param(
-        [("/etc/cron.d/job", b"x", stat.S_IFREG | 0o644)], ErrorCode.INPUT_UNSAFE_MEMBER,
+        [("/etc/cron.d/job", b"x", stat.S_IFREG | 0o644)],
+        ErrorCode.INPUT_UNSAFE_MEMBER,
         id="absolute-path",
     ),
     pytest.param(
-        [("../escape", b"x", stat.S_IFREG | 0o644)], ErrorCode.INPUT_UNSAFE_MEMBER,
+        [("../escape", b"x", stat.S_IFREG | 0o644)],
+        ErrorCode.INPUT_UNSAFE_MEMBER,
         id="dotdot",
     ),
     pytest.param(
-        [("..\\escape", b"x", stat.S_IFREG | 0o644)], ErrorCode.INPUT_UNSAFE_MEMBER,
+        [("..\\escape", b"x", stat.S_IFREG | 0o644)],
+        ErrorCode.INPUT_UNSAFE_MEMBER,
         id="backslash",
     ),
     pytest.param(
-        [("passwd", b"/etc/passwd", stat.S_IFLNK | 0o777)], ErrorCode.INPUT_UNSAFE_MEMBER,
+        [("passwd", b"/etc/passwd", stat.S_IFLNK | 0o777)],
+        ErrorCode.INPUT_UNSAFE_MEMBER,
         id="symlink-absolute",
     ),
     pytest.param(
-        [("up", b"../..", stat.S_IFLNK | 0o777)], ErrorCode.INPUT_UNSAFE_MEMBER,
+        [("up", b"../..", stat.S_IFLNK | 0o777)],
+        ErrorCode.INPUT_UNSAFE_MEMBER,
         id="symlink-outside",
     ),
     pytest.param(
-        [("console", b"", stat.S_IFCHR | 0o644)], ErrorCode.INPUT_UNSAFE_MEMBER,
+        [("console", b"", stat.S_IFCHR | 0o644)],
+        ErrorCode.INPUT_UNSAFE_MEMBER,
         id="char-device",
     ),
     pytest.param(
-        [("pipe", b"", stat.S_IFIFO | 0o644)], ErrorCode.INPUT_UNSAFE_MEMBER, id="fifo",
+        [("pipe", b"", stat.S_IFIFO | 0o644)],
+        ErrorCode.INPUT_UNSAFE_MEMBER,
+        id="fifo",
     ),
     pytest.param(
         [("twice", b"a", stat.S_IFREG | 0o644), ("twice", b"b", stat.S_IFREG | 0o644)],
-        ErrorCode.INPUT_UNSAFE_MEMBER, id="duplicate-member",
+        ErrorCode.INPUT_UNSAFE_MEMBER,
+        id="duplicate-member",
     ),
     pytest.param(
         [(f"f{i}", b"x", stat.S_IFREG | 0o644) for i in range(11)],
-        ErrorCode.INPUT_TOO_LARGE, id="too-many-members",
+        ErrorCode.INPUT_TOO_LARGE,
+        id="too-many-members",
     ),
     pytest.param(
-        [("big", bytes(2 * MIB), stat.S_IFREG | 0o644)], ErrorCode.INPUT_TOO_LARGE,
+        [("big", bytes(2 * MIB), stat.S_IFREG | 0o644)],
+        ErrorCode.INPUT_TOO_LARGE,
         id="member-too-large",
     ),
 ]
