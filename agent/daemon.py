@@ -155,6 +155,8 @@ class Agent:
             raise AgentError(str(exc)) from None
         problem = review_sandbox(self.sandbox, self.config.runner, self.agent_id)
         if problem:
+            # close() removes the seccomp profile that describe_sandbox() wrote.
+            await self.runner.close()
             raise AgentError(problem)
         removed = await self.runner.remove_labelled(self.agent_id)
         if removed:

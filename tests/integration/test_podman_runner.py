@@ -411,8 +411,13 @@ async def test_cancelled_run_removes_container(runner, client, run_dir, image):
     spec = make_spec(run_dir, image, ["sleep", "30"])
     task = asyncio.create_task(runner.run(spec))
     deadline = time.monotonic() + 30
-    while not containers_of_job(client, spec.job_id):
-        assert time.monotonic() < deadline, "the container was never created"
+    # Wait until it runs: a cancel during the create request leaves the removal to a
+    # background task, which the next test covers.
+    # A listed container's "State" is a plain string such as "running".
+    while [c.attrs["State"] for c in containers_of_job(client, spec.job_id)] != [
+        "running"
+    ]:
+        assert time.monotonic() < deadline, "the container never ran"
         await asyncio.sleep(0.1)
 
     task.cancel()
