@@ -26,6 +26,8 @@ from fairu.protocol.signing import (
 )
 from fairu.protocol.topology import class_needs_gpu, job_queue_name
 
+from .unpack import UnpackLimits
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -72,6 +74,27 @@ class PolicySection(Section):
     max_memory_mb: Annotated[int, Field(gt=0)] | None = None
     max_gpus: Annotated[int, Field(ge=0)] | None = None
     max_walltime_s: Annotated[int, Field(gt=0)] | None = None
+    # Jobs with network = "egress" get outbound access only where this is true.
+    allow_egress: bool = False
+
+
+class InputsSection(Section):
+    """Caps on each unpacked input bundle (`unpack = "tar"` or `"zip"`)."""
+
+    max_unpacked_bytes: Annotated[int, Field(gt=0)] = UnpackLimits.max_bytes
+    max_unpacked_members: Annotated[int, Field(gt=0)] = UnpackLimits.max_members
+    max_unpacked_member_bytes: Annotated[int, Field(gt=0)] = (
+        UnpackLimits.max_member_bytes
+    )
+    max_compression_ratio: Annotated[float, Field(gt=0)] = UnpackLimits.max_ratio
+
+    def unpack_limits(self) -> UnpackLimits:
+        return UnpackLimits(
+            max_bytes=self.max_unpacked_bytes,
+            max_members=self.max_unpacked_members,
+            max_member_bytes=self.max_unpacked_member_bytes,
+            max_ratio=self.max_compression_ratio,
+        )
 
 
 class QueueSection(Section):
@@ -139,8 +162,15 @@ class PodmanSection(Section):
     socket: str | None = None
     user: str | None = None
     tmpfs_size: Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]*[kmg]?$")] = "256m"
+    shm_size: str = "64m"
     log_cap_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    log_file_max_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
     ulimits: dict[str, tuple[int, int]] = {}
+    # Numeric UID:GID that jobs run as inside the container.
+    container_user: Annotated[str, Field(pattern=r"^[0-9]+:[0-9]+$")] = "1000:1000"
+    output_max_bytes: Annotated[int, Field(gt=0)] = 1024**3
+    output_max_entries: Annotated[int, Field(gt=0)] = 10_000
+    block_user_namespaces: bool = True
 
     @field_validator("ulimits")
     @classmethod
@@ -179,6 +209,9 @@ ULIMIT_NAMES = (
 
 class RunnerSection(Section):
     kind: Literal["podman", "null"] = "podman"
+    # Stop at start, instead of serving with a warning, when the runtime cannot
+    # enforce the memory, CPU and pids cgroup limits (rootless podman on cgroup v1).
+    require_cgroup_limits: bool = False
     podman: PodmanSection = PodmanSection()
 
 
@@ -190,6 +223,7 @@ class SiteConfig(Section):
     queues: Annotated[list[QueueSection], Field(min_length=1)]
     policy: PolicySection = PolicySection()
     resources: ResourcesSection = ResourcesSection()
+    inputs: InputsSection = InputsSection()
     runner: RunnerSection = RunnerSection()
 
     def root_key(self) -> Ed25519PublicKey | None:

@@ -33,6 +33,7 @@ from fairu.protocol.models import (
     Registration,
     ResourceAmounts,
     RootChain,
+    SandboxInfo,
     StatusEvent,
     utc_now,
 )
@@ -47,7 +48,7 @@ from fairu.protocol.topology import (
     result_routing_key,
     status_routing_key,
 )
-from fairu.runners.base import Runner, RunnerUnavailable
+from fairu.runners.base import Runner, RunnerError
 
 from .admission import (
     Admission,
@@ -62,6 +63,7 @@ from .config import SiteConfig
 from .fetch import InputCache
 from .health import AgentMetrics, Gauges, HealthServer
 from .pipeline import JobPipeline, Outcome, PipelineSettings, message_digest
+from .policy import review_sandbox
 from .probe import Capacity, probe_capacity
 from .session import AmqpSession, Delivery, SessionError
 from .state import Identity, StateDir
@@ -130,6 +132,7 @@ class Agent:
         self._trust_seen = 0
         self._trust_backlog = 0
         self._trust_caught_up = asyncio.Event()
+        self.sandbox: SandboxInfo | None = None
 
     @property
     def agent_id(self) -> str:
@@ -179,8 +182,14 @@ class Agent:
         self._set_up_admission(self.capacity)
         try:
             await self.runner.check()
-        except RunnerUnavailable as exc:
+            self.sandbox = await self.runner.describe_sandbox()
+        except RunnerError as exc:
             raise AgentError(str(exc)) from None
+        problem = review_sandbox(self.sandbox, self.config.runner, self.agent_id)
+        if problem:
+            # close() removes the seccomp profile that describe_sandbox() wrote.
+            await self.runner.close()
+            raise AgentError(problem)
         removed = await self.runner.remove_labelled(self.agent_id)
         if removed:
             logger.warning("agent %s removed %d containers left from before", self.agent_id, removed)
@@ -198,7 +207,7 @@ class Agent:
                 self.trust,
                 self.config.policy,
                 self.state,
-                InputCache(self.state.cache, http),
+                InputCache(self.state.cache, http, self.config.inputs.unpack_limits()),
                 self.runner,
                 self,
             )
@@ -673,6 +682,7 @@ class Agent:
             running_jobs=sorted(self.running),
             free_slots=self.free_slots,
             enrollment_token=self.config.agent.read_enrollment_token(),
+            sandbox=self.sandbox,
             at=utc_now(),
             usable_cpus=self.capacity.usable_cpus,
             memory_available_bytes=self.capacity.memory_available_bytes,
@@ -746,7 +756,13 @@ def build_runner(config: SiteConfig) -> Runner:
     settings = PodmanSettings(
         socket_url=podman.socket_url(),
         tmpfs_size=podman.tmpfs_size,
+        shm_size=podman.shm_size,
         log_cap_bytes=podman.log_cap_bytes,
+        log_file_max_bytes=podman.log_file_max_bytes,
+        user=podman.container_user,
+        output_max_bytes=podman.output_max_bytes,
+        output_max_entries=podman.output_max_entries,
+        block_user_namespaces=podman.block_user_namespaces,
         **({"ulimits": dict(podman.ulimits)} if podman.ulimits else {}),
     )
     return PodmanRunner(settings)

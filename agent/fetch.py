@@ -1,11 +1,12 @@
-"""Fetch job inputs by URL into a cache addressed by sha256, and unpack tar bundles.
+"""Fetch job inputs by URL into a cache addressed by sha256, and unpack bundles.
 
     cache/sha256/<digest>     the verified file, mode 0644
     cache/unpacked/<digest>/  its extracted tree, for inputs with unpack = "tar"
+    cache/unpacked/<digest>.zip/  the same for unpack = "zip"
 
 A file enters the cache only after its digest and size match the job spec, so a
 cache hit needs no re-download and no re-hash. Hashing, writing and extraction run
-in threads.
+in threads. `unpack` describes what a bundle may contain.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import shutil
-import tarfile
 import uuid
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import aiohttp
 
 from fairu.protocol.errors import ErrorCode, JobError, RetryableError
 from fairu.protocol.models import InputSpec
+
+from .unpack import UnpackLimits, extract_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,13 @@ RETRY_DELAY_S = 1.0
 
 
 class InputCache:
-    def __init__(self, root: Path, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        root: Path,
+        session: aiohttp.ClientSession,
+        unpack_limits: UnpackLimits | None = None,
+    ) -> None:
+        self.unpack_limits = unpack_limits or UnpackLimits()
         self.files = root / "sha256"
         self.unpacked = root / "unpacked"
         self.partial = root / "partial"
@@ -55,7 +62,7 @@ class InputCache:
                 _check_digest(spec, size, spec.sha256)
             else:
                 await self._fetch_with_retry(spec, job_id, path)
-            if spec.unpack == "tar":
+            if spec.unpack != "none":
                 return await self._unpack(spec, path)
             return path
 
@@ -115,9 +122,18 @@ class InputCache:
         logger.info("job %s input %s: fetched %d bytes", job_id, spec.name, received)
 
     async def _unpack(self, spec: InputSpec, archive: Path) -> Path:
-        target = self.unpacked / spec.sha256
+        # The same bytes may be unpacked as tar by one job and as zip by another.
+        name = spec.sha256 if spec.unpack == "tar" else f"{spec.sha256}.{spec.unpack}"
+        target = self.unpacked / name
         if not target.exists():
-            await asyncio.to_thread(_extract_tar, archive, target, spec.name)
+            await asyncio.to_thread(
+                extract_bundle,
+                archive,
+                target,
+                spec.unpack,
+                spec.name,
+                self.unpack_limits,
+            )
         return target
 
 
@@ -142,25 +158,3 @@ def _check_digest(spec: InputSpec, received: int, actual: str) -> None:
             ErrorCode.INPUT_DIGEST_MISMATCH,
             f"input {spec.name!r}: sha256 is {actual}, the job declares {spec.sha256}",
         )
-
-
-def _extract_tar(archive: Path, target: Path, name: str) -> None:
-    """Extract with the tarfile "data" filter, which rejects absolute paths, `..`,
-    links leaving the tree and device files; then publish the tree atomically."""
-    staging = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
-    try:
-        with tarfile.open(archive, "r:*") as bundle:
-            bundle.extractall(staging, filter="data")
-        for folder, _dirs, files in os.walk(staging):
-            os.chmod(folder, 0o755)
-            for file in files:
-                path = os.path.join(folder, file)
-                if not os.path.islink(path):
-                    os.chmod(path, 0o644 | (os.stat(path).st_mode & 0o111))
-        os.replace(staging, target)
-    except (tarfile.TarError, OSError) as exc:
-        raise JobError(
-            ErrorCode.INPUT_UNPACK_FAILED, f"input {name!r}: cannot unpack the tar archive: {exc}"
-        ) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

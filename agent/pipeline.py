@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import re
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -288,12 +289,21 @@ class JobPipeline:
                 cpus=job.resources.cpus,
                 memory_mb=job.resources.memory_mb,
                 gpu_devices=gpu_devices,
+                egress=job.network == "egress",
             )
         )
         durations["run_s"] = outcome.run_s
         log_tail, truncated = _cap_log(outcome.log_tail, outcome.log_truncated)
         logs = {"log_tail": log_tail, "log_truncated": truncated, "exit_code": outcome.exit_code}
 
+        if outcome.output_too_large:
+            return self._failed(
+                job,
+                ErrorCode.OUTPUT_TOO_LARGE,
+                f"{outcome.output_too_large}; the container was stopped",
+                status=FinalStatus.OUTPUT_TOO_LARGE,
+                **logs,
+            )
         if outcome.timed_out:
             return self._failed(
                 job,
@@ -307,7 +317,8 @@ class JobPipeline:
             return self._failed(
                 job,
                 ErrorCode.NONZERO_EXIT,
-                f"the container exited with code {outcome.exit_code}; see log_tail",
+                f"the container exited with code {outcome.exit_code}"
+                f"{_describe_exit(outcome.exit_code)}; see log_tail",
                 **logs,
             )
         await self._status(job, JobState.READING_SCORES)
@@ -384,6 +395,26 @@ def claimed_job_id(body: bytes) -> str:
     if isinstance(job_id, str) and _JOB_ID.match(job_id):
         return job_id
     return "unknown"
+
+
+# What ends a job's process with these signals, when fairu's rlimits are the cause.
+_SIGNAL_CAUSES = {
+    signal.SIGKILL: "killed, for example by the out-of-memory killer or a hard rlimit",
+    signal.SIGXCPU: "CPU time limit (cpus × walltime_s) reached",
+    signal.SIGXFSZ: "file size limit reached",
+}
+
+
+def _describe_exit(exit_code: int | None) -> str:
+    """Name the signal behind an exit code above 128, the shell's convention."""
+    if exit_code is None or not 128 < exit_code < 128 + signal.NSIG:
+        return ""
+    try:
+        number = signal.Signals(exit_code - 128)
+    except ValueError:
+        return ""
+    cause = _SIGNAL_CAUSES.get(number)
+    return f" ({number.name}: {cause})" if cause else f" ({number.name})"
 
 
 def _cap_log(text: str, truncated: bool) -> tuple[str, bool]:

@@ -1,11 +1,16 @@
-"""Site policy: which competitions, images and resource requests this site accepts."""
+"""Site policy: which jobs this site accepts (competitions, images, resources, network),
+and whether its host confines them well enough to serve at all."""
 
 from __future__ import annotations
 
-from fairu.protocol.errors import ErrorCode, RejectedError
-from fairu.protocol.models import JobSpec
+import logging
 
-from .config import PolicySection
+from fairu.protocol.errors import ErrorCode, RejectedError
+from fairu.protocol.models import JobSpec, SandboxInfo
+
+from .config import PolicySection, RunnerSection
+
+logger = logging.getLogger(__name__)
 
 LOCAL_IMAGE_PREFIX = "localhost/"
 
@@ -20,6 +25,12 @@ def check_policy(job: JobSpec, policy: PolicySection) -> None:
         )
     _check_image(job.image, policy)
     _check_resources(job, policy)
+    if job.network == "egress" and not policy.allow_egress:
+        raise RejectedError(
+            ErrorCode.EGRESS_NOT_ALLOWED,
+            f"job {job.job_id} requests network egress, which this site does not "
+            "allow (policy.allow_egress)",
+        )
 
 
 def _check_image(image: str, policy: PolicySection) -> None:
@@ -54,3 +65,50 @@ def _check_resources(job: JobSpec, policy: PolicySection) -> None:
                 f"job asks for {name} = {value:g}, above this site's limit of {limit:g} "
                 f"(policy.max_{name})",
             )
+
+
+def review_sandbox(
+    sandbox: SandboxInfo, runner: RunnerSection, agent_id: str
+) -> str | None:
+    """Log what this host does not confine, and return why the agent must not serve.
+
+    None means it may serve: the cgroup limits are enforced, or the site accepts
+    kernel rlimits in their place (`runner.require_cgroup_limits = false`).
+    """
+    if sandbox.runner == "null":
+        return None
+    missing = [
+        name
+        for name, enforced in (
+            ("memory", sandbox.memory_limit),
+            ("CPU", sandbox.cpu_limit),
+            ("pids", sandbox.pids_limit),
+        )
+        if not enforced
+    ]
+    if missing and runner.require_cgroup_limits:
+        return (
+            f"the {sandbox.runner} runtime cannot enforce the {', '.join(missing)} "
+            f"cgroup limits on this host (rootless {sandbox.rootless}, cgroup "
+            f"{sandbox.cgroup_version or 'unknown'}), and runner.require_cgroup_limits "
+            "is true; use a host with cgroup v2 and delegated controllers, or set "
+            "it to false to rely on kernel rlimits"
+        )
+    if missing:
+        logger.warning(
+            "agent %s: the %s runtime does not enforce the %s cgroup limits on this "
+            "host (rootless %s, cgroup %s); kernel rlimits per process bound jobs "
+            "instead, and docs/security.md lists what that leaves open",
+            agent_id,
+            sandbox.runner,
+            ", ".join(missing),
+            sandbox.rootless,
+            sandbox.cgroup_version or "unknown",
+        )
+    if not sandbox.user_namespaces_blocked:
+        logger.warning(
+            "agent %s: jobs can create user namespaces, in which they can mount file "
+            "systems that no limit bounds",
+            agent_id,
+        )
+    return None

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +217,32 @@ class StateDir:
         return output
 
     def remove_work_dir(self, job_id: str) -> None:
-        shutil.rmtree(self.work / _safe_name(job_id), ignore_errors=True)
+        """Remove the job's folder, however deep the tree that the job left in it.
+
+        shutil.rmtree recurses once per level and raises RecursionError for a tree
+        about 1000 levels deep, which a job can make in milliseconds, so `rm -rf`,
+        which has no such limit, removes what rmtree cannot.
+        """
+        job_dir = self.work / _safe_name(job_id)
+        try:
+            shutil.rmtree(job_dir, ignore_errors=True)
+        except RecursionError:
+            pass
+        if not job_dir.exists():
+            return
+        result = subprocess.run(
+            ["rm", "-rf", "--one-file-system", "--", str(job_dir)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0 or job_dir.exists():
+            logger.error(
+                "job %s: failed to remove its work folder %s: %s",
+                job_id,
+                job_dir,
+                result.stderr.strip() or f"rm exited with {result.returncode}",
+            )
 
 
 def _safe_name(job_id: str) -> str:

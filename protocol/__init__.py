@@ -18,6 +18,7 @@ from .models import (
     Registration,
     ResourceAmounts,
     Resources,
+    SandboxInfo,
     StatusEvent,
     utc_now,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "ResourceAmounts",
     "Resources",
     "RetryableError",
+    "SandboxInfo",
     "StatusEvent",
     "utc_now",
 ]

@@ -30,16 +30,30 @@ class ErrorCode(StrEnum):
     EXPIRED = "expired"
     REPLAYED = "replayed"
     AUDIENCE_MISMATCH = "audience_mismatch"
+    # Why the envelope or the payload failed to parse. `bad_envelope` and
+    # `bad_payload` cover any other invalid value (a pattern, a date, a literal).
+    INVALID_UTF8 = "invalid_utf8"
+    MALFORMED_JSON = "malformed_json"
+    WRONG_TYPE = "wrong_type"
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_FIELD = "unknown_field"
+    NUMBER_OUT_OF_RANGE = "number_out_of_range"
+    NON_FINITE_NUMBER = "non_finite_number"
+    STRING_TOO_LONG = "string_too_long"
+    TOO_MANY_ITEMS = "too_many_items"
     # Site policy: each kind of violation has its own code.
     COMPETITION_NOT_ALLOWED = "competition_not_allowed"
     IMAGE_NOT_ALLOWED = "image_not_allowed"
     RESOURCES_EXCEED_POLICY = "resources_exceed_policy"
     # Scheduling: no agent serving the job's queue offers what the job requests.
     UNSCHEDULABLE = "unschedulable"
+    EGRESS_NOT_ALLOWED = "egress_not_allowed"
     # Inputs.
     INPUT_FETCH_FAILED = "input_fetch_failed"
     INPUT_DIGEST_MISMATCH = "input_digest_mismatch"
     INPUT_UNPACK_FAILED = "input_unpack_failed"
+    INPUT_UNSAFE_MEMBER = "input_unsafe_member"
+    INPUT_TOO_LARGE = "input_too_large"
     # The container.
     RUNTIME_UNAVAILABLE = "runtime_unavailable"
     CONTAINER_FAILED = "container_failed"
@@ -51,6 +65,7 @@ class ErrorCode(StrEnum):
     # The platform ended the job.
     CANCELLED = "cancelled"
     DELIVERY_LIMIT = "delivery_limit"
+    OUTPUT_TOO_LARGE = "output_too_large"
     # Anything else: a bug in fairu, reported instead of losing the job.
     INTERNAL_ERROR = "internal_error"
 

@@ -127,8 +127,9 @@ class InputSpec(Model):
     size: Annotated[int, Field(ge=0, le=64 * 1024**3)]
     # A single path component; the input appears at /inputs/<mount> in the container.
     mount: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-    # "tar" extracts a tar archive (optionally gzip-compressed) into /inputs/<mount>/.
-    unpack: Literal["none", "tar"] = "none"
+    # "tar" extracts a tar archive (optionally gzip-, bzip2- or xz-compressed) and
+    # "zip" a zip archive into /inputs/<mount>/.
+    unpack: Literal["none", "tar", "zip"] = "none"
 
 
 class Resources(Model):
@@ -174,6 +175,9 @@ class JobSpec(Model):
     env: Annotated[dict[EnvName, ShortText], Field(max_length=64)] = {}
     inputs: Annotated[list[InputSpec], Field(max_length=32)] = []
     resources: Resources = Resources()
+    # "egress" requests outbound network access, which a site grants only when its
+    # policy allows it. "none" gives the container a loopback interface only.
+    network: Literal["none", "egress"] = "none"
     created_at: AwareDatetime
     expires_at: AwareDatetime
 
@@ -204,6 +208,8 @@ class FinalStatus(StrEnum):
     FAILED = "failed"
     REJECTED = "rejected"
     TIMED_OUT = "timed_out"
+    # The output folder passed the site's size or file-count cap, so the job was killed.
+    OUTPUT_TOO_LARGE = "output_too_large"
     CANCELLED = "cancelled"
 
 
@@ -309,6 +315,30 @@ class AgentState(StrEnum):
     STOPPED = "stopped"
 
 
+class SandboxInfo(Model):
+    """How the agent's runner confines jobs on this host, probed when the agent starts.
+
+    Each `*_limit` field is true where the runtime enforces the cgroup limit of that
+    resource. Rootless podman on cgroup v1 enforces none of them, and kernel rlimits
+    per process (`rlimits`) are then the only bound on processes, memory and CPU time.
+    """
+
+    runner: Annotated[str, StringConstraints(max_length=64)]
+    rootless: bool
+    cgroup_version: Literal["v1", "v2"] | None = None
+    memory_limit: bool
+    cpu_limit: bool
+    pids_limit: bool
+    rlimits: bool
+    # Whether jobs are kept from creating user namespaces of their own, in which
+    # they could mount file systems (such as a tmpfs) that no limit bounds.
+    user_namespaces_blocked: bool
+
+    @property
+    def cgroup_limits_enforced(self) -> bool:
+        return self.memory_limit and self.cpu_limit and self.pids_limit
+
+
 class Registration(Model):
     """Sent once per broker session; `public_key` is the agent's Ed25519 identity."""
 
@@ -327,6 +357,8 @@ class Registration(Model):
     free_slots: Annotated[int, Field(ge=0)]
     # A one-time token from `fairu-admin agents enroll`; it approves the agent once.
     enrollment_token: Annotated[str, StringConstraints(max_length=128)] | None = None
+    # None from agents older than this field.
+    sandbox: SandboxInfo | None = None
     at: AwareDatetime
     # Fields below came after the first release and default to "not reported".
     # Cores after the cgroup CPU quota; may be fractional, such as 1.5.

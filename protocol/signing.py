@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -131,12 +132,9 @@ def decode_envelope(
             ErrorCode.MESSAGE_TOO_LARGE,
             f"message of {len(body)} bytes exceeds the limit of {max_bytes} bytes",
         )
-    try:
-        return Envelope.model_validate_json(body)
-    except ValidationError as exc:
-        raise RejectedError(
-            ErrorCode.BAD_ENVELOPE, f"invalid envelope: {describe_validation(exc)}"
-        ) from None
+    return _parse_strict(
+        body, Envelope, "envelope", ErrorCode.BAD_ENVELOPE, version_required=False
+    )
 
 
 def verify_envelope(
@@ -168,30 +166,48 @@ def verify_envelope(
 
 def parse_payload(payload: bytes, model: type[ModelT]) -> ModelT:
     """Decode verified payload bytes strictly into `model`."""
+    return _parse_strict(
+        payload, model, "payload", ErrorCode.BAD_PAYLOAD, version_required=True
+    )
+
+
+def _parse_strict(
+    data: bytes,
+    model: type[ModelT],
+    part: str,
+    invalid_code: ErrorCode,
+    *,
+    version_required: bool,
+) -> ModelT:
+    """Parse `data` into `model`, raising `RejectedError` with the code of the defect.
+
+    `part` ("envelope" or "payload") starts every message.
+    The bytes are first decoded with `json.loads` under strict hooks. They find the
+    defects that pydantic's parser accepts or reports vaguely: duplicate keys, NaN,
+    numbers beyond 64 bits and deep nesting. Pydantic then checks the structure.
+    `invalid_code` is the code of an invalid value that no other code covers. An
+    envelope without `protocol` is version 1, a payload without it is rejected.
+    """
     try:
-        text = payload.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RejectedError(
-            ErrorCode.BAD_PAYLOAD, f"payload is not valid UTF-8 at byte {exc.start}"
+            ErrorCode.INVALID_UTF8, f"{part} is not valid UTF-8 at byte {exc.start}"
         ) from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise RejectedError(ErrorCode.BAD_PAYLOAD, f"payload is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise RejectedError(ErrorCode.BAD_PAYLOAD, "payload is not a JSON object")
-    version = data.get("protocol")
-    if version != PROTOCOL_VERSION:
+    value = _load_json(text, part)
+    if not isinstance(value, dict):
         raise RejectedError(
-            ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {version!r} is not supported; this agent speaks "
-            f"version {PROTOCOL_VERSION}",
+            ErrorCode.WRONG_TYPE,
+            f"{part} must be a JSON object, not {_json_type_name(value)}",
         )
+    if version_required or "protocol" in value:
+        _check_version(value.get("protocol"), part)
     try:
         return model.model_validate_json(text)
     except ValidationError as exc:
+        code = _validation_code(exc, invalid_code)
         raise RejectedError(
-            ErrorCode.BAD_PAYLOAD, f"invalid {model.__name__}: {describe_validation(exc)}"
+            code, f"invalid {part} ({model.__name__}): {describe_validation(exc)}"
         ) from None
 
 
@@ -207,8 +223,152 @@ def describe_validation(exc: ValidationError, limit: int = 5) -> str:
     return "; ".join(parts)
 
 
+# Integers beyond 64 bits are rejected while parsing, before Python builds them.
+MAX_INTEGER_DIGITS = 19
+MAX_INTEGER = 2**63 - 1
+MIN_INTEGER = -(2**63)
+
+_TYPE_ERRORS = frozenset(
+    {
+        "bool_type",
+        "bytes_type",
+        "datetime_type",
+        "dict_type",
+        "float_type",
+        "int_type",
+        "list_type",
+        "model_attributes_type",
+        "model_type",
+        "none_required",
+        "string_type",
+    }
+)
+_RANGE_ERRORS = frozenset(
+    {
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+        "int_parsing_size",
+    }
+)
+
+
+class _JsonDefect(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _load_json(text: str, part: str) -> object:
+    try:
+        return json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_int=_parse_integer,
+            parse_float=_parse_float,
+            object_pairs_hook=_reject_duplicate_keys,
+        )
+    except _JsonDefect as defect:
+        raise RejectedError(defect.code, f"{part} {defect.message}") from None
+    except RecursionError:
+        raise RejectedError(
+            ErrorCode.MALFORMED_JSON, f"{part} is nested too deeply to parse"
+        ) from None
+    except ValueError as exc:
+        raise RejectedError(
+            ErrorCode.MALFORMED_JSON, f"{part} is not valid JSON: {exc}"
+        ) from None
+
+
+def _check_version(version: object, part: str) -> None:
+    # `type() is int` keeps true and 1.0, which equal 1 in Python, out.
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        preview = repr(version)
+        if len(preview) > 40:
+            preview = preview[:40] + "..."
+        raise RejectedError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"{part} protocol version {preview} is not supported; this agent speaks "
+            f"version {PROTOCOL_VERSION}",
+        )
+
+
+def _validation_code(exc: ValidationError, invalid_code: ErrorCode) -> ErrorCode:
+    """Return the code for the first error that pydantic reports."""
+    kind = exc.errors(include_input=False, include_url=False)[0]["type"]
+    if kind == "missing":
+        return ErrorCode.MISSING_FIELD
+    if kind == "extra_forbidden":
+        return ErrorCode.UNKNOWN_FIELD
+    if kind in _TYPE_ERRORS:
+        return ErrorCode.WRONG_TYPE
+    if kind in _RANGE_ERRORS:
+        return ErrorCode.NUMBER_OUT_OF_RANGE
+    if kind == "finite_number":
+        return ErrorCode.NON_FINITE_NUMBER
+    if kind == "string_too_long":
+        return ErrorCode.STRING_TOO_LONG
+    if kind == "too_long":
+        return ErrorCode.TOO_MANY_ITEMS
+    return invalid_code
+
+
 def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed in fairu messages")
+    raise _JsonDefect(
+        ErrorCode.NON_FINITE_NUMBER,
+        f"contains {name}, which fairu messages do not allow",
+    )
+
+
+def _parse_integer(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise _JsonDefect(
+            ErrorCode.NUMBER_OUT_OF_RANGE,
+            f"contains an integer of {len(digits.lstrip('-'))} digits; the limit is "
+            "a 64-bit integer",
+        )
+    number = int(digits)
+    if not MIN_INTEGER <= number <= MAX_INTEGER:
+        raise _JsonDefect(
+            ErrorCode.NUMBER_OUT_OF_RANGE,
+            f"contains the integer {digits}, outside the 64-bit range",
+        )
+    return number
+
+
+def _parse_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        preview = text if len(text) <= 40 else text[:40] + "..."
+        raise _JsonDefect(
+            ErrorCode.NUMBER_OUT_OF_RANGE,
+            f"contains the number {preview}, beyond the range of a 64-bit float",
+        )
+    return number
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # Parsers differ on which of two equal keys wins, so a signed message with
+    # duplicates could mean one thing to the agent and another to the platform.
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _JsonDefect(
+                ErrorCode.MALFORMED_JSON, f"contains the key {key[:60]!r} twice"
+            )
+        result[key] = value
+    return result
+
+
+def _json_type_name(value: object) -> str:
+    names = {list: "an array", str: "a string", int: "a number", float: "a number"}
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return names.get(type(value), type(value).__name__)
 
 
 def open_unverified(body: bytes, model: type[ModelT], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> ModelT:

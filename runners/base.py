@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from fairu.protocol.models import SandboxInfo
+
 
 @dataclass(frozen=True)
 class Mount:
@@ -33,15 +35,21 @@ class RunSpec:
     cpus: float = 1.0
     memory_mb: int = 1024
     gpu_devices: list[str] = field(default_factory=list)
+    # Outbound network access. Without it the container has a loopback interface only.
+    egress: bool = False
 
 
 @dataclass(frozen=True)
 class RunOutcome:
+    """The end of one container run. `exit_code` is None when the runner killed it."""
+
     exit_code: int | None
     timed_out: bool
     log_tail: str
     log_truncated: bool
     run_s: float
+    # Why /output passed its cap, when the runner killed the container for it.
+    output_too_large: str | None = None
 
 
 class Runner(Protocol):
@@ -58,6 +66,9 @@ class Runner(Protocol):
         Raise `RunnerUnavailable` when the runtime cannot be reached and
         `ContainerError` when the container cannot be created or started.
         """
+
+    async def describe_sandbox(self) -> SandboxInfo:
+        """Return how this runtime confines jobs on this host."""
 
     async def remove_labelled(self, agent_id: str) -> int:
         """Remove leftover containers labelled with `agent_id`; return how many."""

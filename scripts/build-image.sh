@@ -17,7 +17,7 @@ readonly ROOTFS="${FAIRU_ROOTFS_CACHE:-/var/cache/fairu/rootfs-bookworm}"
 # by an interrupted run is rebuilt.
 readonly ROOTFS_COMPLETE="$ROOTFS.complete"
 readonly MIRROR="${FAIRU_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-# Unprivileged user for running job containers with `--user 1000`. The runner does not use it yet.
+# Unprivileged user that job containers run as (`--user 1000:1000`, PodmanSettings.user).
 readonly RUNNER_UID=1000
 readonly RUNNER_NAME=runner
 

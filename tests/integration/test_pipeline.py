@@ -103,7 +103,7 @@ async def test_failures_then_next_job_runs(
     assert expired_result.authenticated is True
 
     malformed_result = await results.wait("unknown")
-    assert malformed_result.error.code == "bad_payload"
+    assert malformed_result.error.code == "malformed_json"
     assert "not valid JSON" in malformed_result.error.message
 
     crash_result = await results.wait(crashing.job_id)

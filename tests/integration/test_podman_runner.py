@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.podman
 # tmp_path lies under a 0700 folder of root.
 WORK_BASE = Path(os.environ.get("FAIRU_TEST_WORK", "/var/tmp/fairu-tests"))
 LOG_CAP = 64 * 1024
+EPERM = 1
 EROFS = 30
 
 
@@ -171,7 +173,7 @@ async def test_run_keeps_long_lines_intact(runner, run_dir, image):
 
 
 SANDBOX_PROBE = r"""
-import json, os, resource
+import ctypes, json, os, resource
 
 def try_write(path):
     try:
@@ -181,19 +183,31 @@ def try_write(path):
     except OSError as error:
         return error.errno
 
+def unshare_errno(flags):
+    libc = ctypes.CDLL(None, use_errno=True)
+    return 0 if libc.unshare(flags) == 0 else ctypes.get_errno()
+
 with open("/proc/self/status") as handle:
     status = dict(line.split(":\t", 1) for line in handle.read().splitlines())
+shm = os.statvfs("/dev/shm")
 env_names = ("JOB_SETTING", "HOME", "NVIDIA_VISIBLE_DEVICES")
 print(json.dumps({
+    "ids": [os.getuid(), os.geteuid(), os.getgid()],
     "etc_write_errno": try_write("/etc/fairu-test"),
+    "var_tmp_write_errno": try_write("/var/tmp/fairu-test"),
     "tmp_write_errno": try_write("/tmp/fairu-test"),
     "input_write_errno": try_write("/inputs/data/new-file"),
     "input_text": open("/inputs/data/data.txt").read(),
     "interfaces": sorted(os.listdir("/sys/class/net")),
     "cap_eff": status["CapEff"].strip(),
+    "cap_bnd": status["CapBnd"].strip(),
     "no_new_privs": status["NoNewPrivs"].strip(),
+    "seccomp": status["Seccomp"].strip(),
+    "unshare_user_errno": unshare_errno(0x10000000),
+    "shm_bytes": shm.f_blocks * shm.f_frsize,
     "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
     "data": resource.getrlimit(resource.RLIMIT_DATA),
+    "cpu": resource.getrlimit(resource.RLIMIT_CPU),
     "cwd": os.getcwd(),
     "env": {name: os.environ.get(name) for name in env_names},
 }))
@@ -213,21 +227,32 @@ async def test_run_confines_container(runner, run_dir, image):
         mounts=[Mount(source=data_dir, target="/inputs/data")],
         env={"JOB_SETTING": "on"},
         memory_mb=300,
+        cpus=2.0,
+        walltime_s=60.0,
     )
 
     outcome = await runner.run(spec)
 
     assert outcome.exit_code == 0, outcome.log_tail
     probe = json.loads(outcome.log_tail)
+    assert probe["ids"] == [1000, 1000, 1000]
     assert probe["etc_write_errno"] == EROFS
+    assert probe["var_tmp_write_errno"] == EROFS
     assert probe["tmp_write_errno"] == 0
     assert probe["input_write_errno"] == EROFS
     assert probe["input_text"] == "input bytes"
     assert probe["interfaces"] == ["lo"]
     assert probe["cap_eff"] == "0000000000000000"
+    assert probe["cap_bnd"] == "0000000000000000"
     assert probe["no_new_privs"] == "1"
+    # 2 is SECCOMP_MODE_FILTER.
+    assert probe["seccomp"] == "2"
+    assert probe["unshare_user_errno"] == EPERM
+    assert probe["shm_bytes"] == 64 * 1024 * 1024
     assert probe["nofile"] == [1024, 1024]
     assert probe["data"] == [300 * 1024 * 1024, 300 * 1024 * 1024]
+    # cpus × walltime_s plus 30 s of grace; the hard limit is one second later.
+    assert probe["cpu"] == [150, 151]
     assert probe["cwd"] == "/output"
     assert probe["env"] == {
         "JOB_SETTING": "on",
@@ -273,18 +298,22 @@ async def test_run_fsize_ulimit_bounds_files(podman_socket, run_dir, image):
     assert (run_dir / "output" / "big").stat().st_size == 1024 * 1024
 
 
-async def test_run_hands_output_dir_to_socket_owner(runner, settings, run_dir, image):
+async def test_run_hands_output_dir_to_job_user(runner, client, run_dir, image):
     spec = make_spec(run_dir, image, python("open('/output/written', 'w').write('ok')"))
-    socket_uid = settings.socket_path.stat().st_uid
-    uid_before = spec.output_dir.stat().st_uid
+    uid_map = client.info()["host"]["idMappings"]["uidmap"]
+    # Container UID 1000 falls in the range that starts at container UID 1.
+    subordinate = next(entry for entry in uid_map if entry["container_id"] == 1)
+    job_uid = subordinate["host_id"] + 1000 - 1
 
     outcome = await runner.run(spec)
 
     assert outcome.exit_code == 0, outcome.log_tail
-    if os.geteuid() == 0:
-        assert spec.output_dir.stat().st_uid == socket_uid
-    else:
-        assert spec.output_dir.stat().st_uid == uid_before
+    if os.geteuid() != 0:
+        pytest.fail("run this test as root: only root hands the folder over by chown")
+    info = spec.output_dir.stat()
+    assert info.st_uid == job_uid
+    assert stat.S_IMODE(info.st_mode) == 0o700
+    assert (spec.output_dir / "written").stat().st_uid == job_uid
     assert (spec.output_dir / "written").read_text() == "ok"
 
 
@@ -319,13 +348,14 @@ async def test_missing_image_raises_container_error(runner, client, run_dir):
     assert containers_of_job(client, spec.job_id) == []
 
 
-async def test_missing_command_raises_container_error(runner, client, run_dir, image):
+async def test_missing_command_exits_nonzero(runner, client, run_dir, image):
     spec = make_spec(run_dir, image, ["/no/such/program"])
 
-    with pytest.raises(ContainerError, match="failed to start container") as caught:
-        await runner.run(spec)
+    outcome = await runner.run(spec)
 
-    assert "/no/such/program" in str(caught.value)
+    # podman's init (catatonit) starts, then fails to run the command.
+    assert outcome.exit_code == 1
+    assert "failed to exec pid1: No such file or directory" in outcome.log_tail
     assert containers_of_job(client, spec.job_id) == []
 
 
@@ -381,8 +411,13 @@ async def test_cancelled_run_removes_container(runner, client, run_dir, image):
     spec = make_spec(run_dir, image, ["sleep", "30"])
     task = asyncio.create_task(runner.run(spec))
     deadline = time.monotonic() + 30
-    while not containers_of_job(client, spec.job_id):
-        assert time.monotonic() < deadline, "the container was never created"
+    # Wait until it runs: a cancel during the create request leaves the removal to a
+    # background task, which the next test covers.
+    # A listed container's "State" is a plain string such as "running".
+    while [c.attrs["State"] for c in containers_of_job(client, spec.job_id)] != [
+        "running"
+    ]:
+        assert time.monotonic() < deadline, "the container never ran"
         await asyncio.sleep(0.1)
 
     task.cancel()
@@ -400,6 +435,9 @@ async def test_run_cancelled_during_create_removes_container(
 ):
     caplog.set_level(logging.INFO, logger="fairu.runners.podman")
     spec = make_spec(run_dir, image, ["sleep", "30"])
+    # Read the host information and write the seccomp profile now, so that run()
+    # reaches the create request at once.
+    await runner.describe_sandbox()
     task = asyncio.create_task(runner.run(spec))
     # Creating a container copies the whole image with vfs (0.4 s to 2.9 s on a 2-core
     # VM), so the cancellation lands while the create request is in flight.
@@ -430,6 +468,9 @@ async def test_run_leaves_event_loop_free(runner, run_dir, image):
             gaps.append(now - last)
             last = now
 
+    # The first run reads the host information (0.5 s to 2 s for `GET /info`), which
+    # is not what this test times.
+    await runner.describe_sandbox()
     ticker = asyncio.create_task(tick())
     try:
         specs = []
@@ -452,3 +493,132 @@ async def test_run_leaves_event_loop_free(runner, run_dir, image):
     # Two 2 s containers in parallel finish well before two in a row would.
     assert elapsed < 2 * 2.0 + 2.0
     assert max(gaps) < 0.5
+
+
+async def test_run_cpu_ulimit_ends_spin(podman_socket, run_dir, image):
+    settings = PodmanSettings(
+        socket_url=podman_socket, poll_interval_s=0.2, ulimits={"cpu": (2, 3)}
+    )
+    limited = PodmanRunner(settings)
+    try:
+        outcome = await limited.run(
+            make_spec(run_dir, image, python("while True: pass"), walltime_s=30.0)
+        )
+    finally:
+        await limited.close()
+
+    # 152 is 128 + SIGXCPU: the soft limit of 2 CPU seconds ended the spin.
+    assert outcome.exit_code == 152, outcome.log_tail
+    assert not outcome.timed_out
+    assert outcome.run_s < 15.0
+
+
+async def test_run_kills_container_over_output_cap(podman_socket, run_dir, image):
+    settings = PodmanSettings(
+        socket_url=podman_socket,
+        poll_interval_s=0.2,
+        output_max_bytes=8 * 1024 * 1024,
+        ulimits={"fsize": (64 * 1024 * 1024, 64 * 1024 * 1024)},
+    )
+    # Up to 128 files of 16 MiB, 2 GiB in all, unless the runner stops it first.
+    code = (
+        "chunk = b'x' * (16 * 1024 * 1024)\n"
+        "for i in range(128):\n"
+        "    open(f'/output/part{i}', 'wb').write(chunk)\n"
+    )
+    limited = PodmanRunner(settings)
+    try:
+        outcome = await limited.run(make_spec(run_dir, image, python(code)))
+    finally:
+        await limited.close()
+
+    assert outcome.exit_code is None
+    assert not outcome.timed_out
+    assert "uses more than 8388608 bytes of disk" in outcome.output_too_large
+    written = sum(path.stat().st_size for path in (run_dir / "output").iterdir())
+    assert written < 2 * 1024**3
+
+
+async def test_run_counts_output_entries(podman_socket, run_dir, image):
+    settings = PodmanSettings(
+        socket_url=podman_socket, poll_interval_s=0.2, output_max_entries=100
+    )
+    # 500 empty files take no disk blocks, so only the entry count can stop them.
+    code = "for i in range(500): open(f'/output/f{i}', 'w').close()\n"
+    limited = PodmanRunner(settings)
+    try:
+        outcome = await limited.run(make_spec(run_dir, image, python(code)))
+    finally:
+        await limited.close()
+
+    assert outcome.output_too_large is not None
+    assert "more than 100 files and folders" in outcome.output_too_large
+
+
+async def test_run_marks_log_file_restart(podman_socket, run_dir, image):
+    settings = PodmanSettings(
+        socket_url=podman_socket,
+        poll_interval_s=0.2,
+        log_cap_bytes=LOG_CAP,
+        log_file_max_bytes=1024 * 1024,
+    )
+    # 300,000 lines of 12 bytes become about 17 MB of log file with conmon's
+    # timestamps, so conmon starts its 1 MiB file over many times.
+    code = "import sys\nfor i in range(300000): sys.stdout.write('line %06d\\n' % i)\n"
+    limited = PodmanRunner(settings)
+    try:
+        outcome = await limited.run(make_spec(run_dir, image, python(code)))
+    finally:
+        await limited.close()
+
+    assert outcome.exit_code == 0
+    assert outcome.log_truncated
+    first_line = outcome.log_tail.partition("\n")[0]
+    assert first_line == (
+        "[fairu: the log file passed its limit of 1048576 bytes, so podman dropped "
+        "earlier output]"
+    )
+    assert outcome.log_tail.endswith("line 299998\nline 299999\n")
+
+
+async def test_describe_sandbox_reports_host(runner, client):
+    host = client.info()["host"]
+
+    sandbox = await runner.describe_sandbox()
+
+    assert sandbox.runner == "podman"
+    assert sandbox.rootless is host["security"]["rootless"]
+    assert sandbox.cgroup_version == host["cgroupVersion"]
+    assert sandbox.rlimits is True
+    assert sandbox.user_namespaces_blocked is True
+    if sandbox.rootless and sandbox.cgroup_version == "v1":
+        assert not sandbox.memory_limit
+        assert not sandbox.cpu_limit
+        assert not sandbox.pids_limit
+        assert not sandbox.cgroup_limits_enforced
+
+
+def test_egress_options_use_slirp_without_host_loopback(run_dir):
+    runner = PodmanRunner(PodmanSettings(socket_url="unix:///nonexistent.sock"))
+    spec = make_spec(run_dir, "localhost/fairu-python:1", ["true"], egress=True)
+
+    options = runner._create_options(spec, "fairu-test", None)
+
+    assert options["network_mode"] == "slirp4netns"
+    assert options["network_options"] == {"slirp4netns": ["allow_host_loopback=false"]}
+    assert "seccomp_profile_path" not in options
+
+
+def test_default_options_have_no_network(run_dir):
+    runner = PodmanRunner(PodmanSettings(socket_url="unix:///nonexistent.sock"))
+    spec = make_spec(run_dir, "localhost/fairu-python:1", ["true"])
+
+    options = runner._create_options(spec, "fairu-test", Path("/profile.json"))
+
+    assert options["network_mode"] == "none"
+    assert "network_options" not in options
+    assert options["seccomp_profile_path"] == "/profile.json"
+    assert options["user"] == "1000:1000"
+    assert options["read_only"] is True
+    assert options["cap_drop"] == ["ALL"]
+    assert options["no_new_privileges"] is True

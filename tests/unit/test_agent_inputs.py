@@ -110,6 +110,14 @@ def test_config_errors_name_the_value(tmp_path, edit, expected):
         load_config(path).trusted_keys()
 
 
+def test_config_reads_unpack_limits(tmp_path):
+    body = VALID + "[inputs]\nmax_unpacked_members = 50\nmax_compression_ratio = 12.5\n"
+    limits = load_config(write_config(tmp_path, body)).inputs.unpack_limits()
+    assert limits.max_members == 50
+    assert limits.max_ratio == 12.5
+    assert limits.max_bytes == 8 * 1024**3
+
+
 def test_config_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read site config"):
         load_config(tmp_path / "absent.toml")

@@ -135,11 +135,22 @@ def test_key_id_cannot_point_at_another_key(key, trusted):
 @pytest.mark.parametrize(
     "body, code",
     [
-        pytest.param(b"not json", ErrorCode.BAD_ENVELOPE, id="not-json"),
-        pytest.param(b"[]", ErrorCode.BAD_ENVELOPE, id="array"),
-        pytest.param(b'{"key_id": "k"}', ErrorCode.BAD_ENVELOPE, id="missing-fields"),
-        pytest.param(b"\xff\xfe", ErrorCode.BAD_ENVELOPE, id="not-utf8"),
+        pytest.param(b"not json", ErrorCode.MALFORMED_JSON, id="not-json"),
+        pytest.param(b"[]", ErrorCode.WRONG_TYPE, id="array"),
+        pytest.param(b'{"key_id": "k"}', ErrorCode.MISSING_FIELD, id="missing-fields"),
+        pytest.param(b"\xff\xfe", ErrorCode.INVALID_UTF8, id="not-utf8"),
         pytest.param(b"{" * 2_000_000, ErrorCode.MESSAGE_TOO_LARGE, id="too-large"),
+        pytest.param(b'{"protocol": 7}', ErrorCode.UNSUPPORTED_VERSION, id="version-7"),
+        pytest.param(
+            b'{"key_id": "k", "signature": "", "payload": "", "extra": 1}',
+            ErrorCode.UNKNOWN_FIELD,
+            id="unknown-field",
+        ),
+        pytest.param(
+            b'{"key_id": "k", "signature": "", "payload": "***"}',
+            ErrorCode.BAD_ENVELOPE,
+            id="payload-not-base64",
+        ),
     ],
 )
 def test_bad_envelope_codes(body, code):
@@ -148,21 +159,139 @@ def test_bad_envelope_codes(body, code):
     assert caught.value.code is code
 
 
+def test_envelope_without_protocol_is_version_1(key):
+    envelope = json.loads(sign_model(make_job(), key))
+    del envelope["protocol"]
+
+    decoded = decode_envelope(json.dumps(envelope).encode())
+
+    assert decoded.protocol == 1
+
+
+def job_bytes(**changes: object) -> bytes:
+    data = job_dict()
+    for name, value in changes.items():
+        if value is DELETE:
+            del data[name]
+        else:
+            data[name] = value
+    return json.dumps(data).encode()
+
+
+DELETE = object()
+
+
 @pytest.mark.parametrize(
     "payload, code",
     [
-        pytest.param(b"\xff\xfe", ErrorCode.BAD_PAYLOAD, id="not-utf8"),
-        pytest.param(b"{not json", ErrorCode.BAD_PAYLOAD, id="malformed-json"),
-        pytest.param(b'{"protocol": 1, "x": NaN}', ErrorCode.BAD_PAYLOAD, id="nan"),
+        pytest.param(b"\xff\xfe", ErrorCode.INVALID_UTF8, id="not-utf8"),
+        pytest.param(b"{not json", ErrorCode.MALFORMED_JSON, id="malformed-json"),
+        pytest.param(b"[" * 100_000, ErrorCode.MALFORMED_JSON, id="deep-nesting"),
+        pytest.param(
+            b'{"protocol": 1, "protocol": 1}',
+            ErrorCode.MALFORMED_JSON,
+            id="duplicate-key",
+        ),
+        pytest.param(b'"job"', ErrorCode.WRONG_TYPE, id="string"),
+        pytest.param(
+            b'{"protocol": 1, "x": NaN}', ErrorCode.NON_FINITE_NUMBER, id="nan"
+        ),
+        pytest.param(
+            b'{"protocol": 1, "x": -Infinity}',
+            ErrorCode.NON_FINITE_NUMBER,
+            id="infinity",
+        ),
+        pytest.param(
+            b'{"protocol": 1, "x": 1e999}',
+            ErrorCode.NUMBER_OUT_OF_RANGE,
+            id="float-overflow",
+        ),
+        pytest.param(
+            b'{"protocol": 1, "x": ' + b"9" * 5000 + b"}",
+            ErrorCode.NUMBER_OUT_OF_RANGE,
+            id="int-5000-digits",
+        ),
+        pytest.param(
+            b'{"protocol": 1, "x": 9223372036854775808}',
+            ErrorCode.NUMBER_OUT_OF_RANGE,
+            id="int-beyond-64-bit",
+        ),
         pytest.param(b'{"protocol": 2}', ErrorCode.UNSUPPORTED_VERSION, id="version-2"),
-        pytest.param(b'{"kind": "job"}', ErrorCode.UNSUPPORTED_VERSION, id="no-version"),
-        pytest.param(b'{"protocol": 1, "kind": "job"}', ErrorCode.BAD_PAYLOAD, id="missing"),
+        pytest.param(
+            b'{"protocol": "1"}', ErrorCode.UNSUPPORTED_VERSION, id="version-string"
+        ),
+        pytest.param(
+            b'{"protocol": true}', ErrorCode.UNSUPPORTED_VERSION, id="version-true"
+        ),
+        pytest.param(
+            b'{"kind": "job"}', ErrorCode.UNSUPPORTED_VERSION, id="no-version"
+        ),
+        pytest.param(
+            b'{"protocol": 1, "kind": "job"}', ErrorCode.MISSING_FIELD, id="missing"
+        ),
+        pytest.param(job_bytes(job_id=DELETE), ErrorCode.MISSING_FIELD, id="no-job-id"),
+        pytest.param(
+            job_bytes(priority=1), ErrorCode.UNKNOWN_FIELD, id="unknown-field"
+        ),
+        pytest.param(
+            job_bytes(command="python3"), ErrorCode.WRONG_TYPE, id="command-string"
+        ),
+        pytest.param(
+            job_bytes(resources={"cpus": "2"}), ErrorCode.WRONG_TYPE, id="cpus-string"
+        ),
+        pytest.param(
+            job_bytes(resources={"memory_mb": 1.5}),
+            ErrorCode.WRONG_TYPE,
+            id="memory-float",
+        ),
+        pytest.param(
+            job_bytes(resources=[1]), ErrorCode.WRONG_TYPE, id="resources-array"
+        ),
+        pytest.param(
+            job_bytes(resources={"walltime_s": 10**12}),
+            ErrorCode.NUMBER_OUT_OF_RANGE,
+            id="walltime-huge",
+        ),
+        pytest.param(
+            job_bytes(resources={"cpus": -1.0}),
+            ErrorCode.NUMBER_OUT_OF_RANGE,
+            id="cpus-negative",
+        ),
+        pytest.param(
+            job_bytes(image="x" * 100_000), ErrorCode.STRING_TOO_LONG, id="image-huge"
+        ),
+        pytest.param(
+            job_bytes(command=["a" * 5000]),
+            ErrorCode.STRING_TOO_LONG,
+            id="argument-huge",
+        ),
+        pytest.param(
+            job_bytes(command=["a"] * 65),
+            ErrorCode.TOO_MANY_ITEMS,
+            id="too-many-arguments",
+        ),
+        pytest.param(
+            job_bytes(env={f"V{i}": "1" for i in range(65)}),
+            ErrorCode.TOO_MANY_ITEMS,
+            id="too-many-variables",
+        ),
+        pytest.param(
+            job_bytes(job_id="../etc"), ErrorCode.BAD_PAYLOAD, id="job-id-pattern"
+        ),
+        pytest.param(
+            job_bytes(expires_at="2030-01-01T00:00:00"),
+            ErrorCode.BAD_PAYLOAD,
+            id="naive-datetime",
+        ),
+        pytest.param(
+            job_bytes(network="host"), ErrorCode.BAD_PAYLOAD, id="network-host"
+        ),
     ],
 )
 def test_bad_payload_codes(payload, code):
     with pytest.raises(RejectedError) as caught:
         parse_payload(payload, JobSpec)
-    assert caught.value.code is code
+    assert caught.value.code is code, caught.value.message
 
 
 def test_payload_of_other_kind_is_not_a_job():
