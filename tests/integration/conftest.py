@@ -27,6 +27,7 @@ from aiohttp import web
 
 from fairu.agent.session import AmqpSession, Delivery, SessionError
 from fairu.broker.topology import declare_job_queue, declare_topology
+from fairu.protocol.errors import RejectedError
 from fairu.protocol.models import JobResult, JobSpec, utc_now
 from fairu.protocol.signing import (
     agent_id_for,
@@ -135,7 +136,13 @@ class ResultWatcher:
 
     def _on_delivery(self, delivery: Delivery) -> None:
         self.session.ack(delivery.delivery_tag)
-        result = open_unverified(delivery.body, JobResult)
+        try:
+            result = open_unverified(delivery.body, JobResult)
+        except RejectedError:
+            # The shared node also carries results of other test runs, whose result
+            # model may differ from this checkout's. Raising here would close the
+            # session, so such a result is skipped.
+            return
         self.results.setdefault(result.job_id, []).append(result)
         self.arrived.set()
 
