@@ -423,8 +423,9 @@ async def test_cancelled_run_removes_container(runner, client, run_dir, image):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    # Under load the cancellation can land while the create request is still in
-    # flight; close() waits for the removal that then follows the creation.
+    # The container shows up in the list before podman-py's create call returns, so
+    # the cancel can still land during the creation. The removal then runs in a
+    # cleanup task, which close() waits for.
     await runner.close()
 
     assert containers_of_job(client, spec.job_id) == []
