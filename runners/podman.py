@@ -43,6 +43,10 @@ SETUP_HINT = (
 FINISHED_STATES = frozenset({"exited", "stopped"})
 # After SIGKILL, how long to wait for podman to report the container as exited.
 KILL_WAIT_S = 30.0
+# The first state check after the start waits this long, and each later wait is this
+# fraction of the run time so far, up to `PodmanSettings.poll_interval_s`.
+FIRST_POLL_S = 0.05
+POLL_FRACTION = 0.2
 CONTAINER_NAME_MAX_JOB_CHARS = 48
 
 
@@ -81,7 +85,8 @@ class PodmanSettings:
     tmpfs_size: str = "256m"
     # Maximum bytes of log output kept per job. Earlier output is dropped.
     log_cap_bytes: int = 1 * MIB
-    # Interval between two state checks of a running container, in seconds.
+    # Maximum interval between two state checks of a running container, in seconds.
+    # Checks start more often, see `PodmanRunner._poll_delay`.
     poll_interval_s: float = 0.5
     # Limit of one API request in seconds. Container creation is one request, and with
     # the vfs storage driver it includes copying the whole image.
@@ -378,7 +383,18 @@ class PodmanRunner:
             if remaining <= 0:
                 await self._kill(container, spec)
                 return None
-            await asyncio.sleep(min(self.settings.poll_interval_s, remaining))
+            await asyncio.sleep(min(self._poll_delay(deadline - spec.walltime_s), remaining))
+
+    def _poll_delay(self, started: float) -> float:
+        """Return the wait before the next state check of a container started at `started`.
+
+        With a fixed interval, a job that runs for a fraction of a second waits up to
+        that interval for its result. Waiting a fifth of the run time so far bounds
+        the delay after the exit to FIRST_POLL_S or a fifth of the run time, whichever
+        is larger, and never more than poll_interval_s.
+        """
+        elapsed = time.monotonic() - started
+        return min(self.settings.poll_interval_s, max(FIRST_POLL_S, elapsed * POLL_FRACTION))
 
     async def _kill(self, container: Container, spec: RunSpec) -> None:
         logger.warning(
