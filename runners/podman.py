@@ -47,6 +47,9 @@ KILL_WAIT_S = 30.0
 # fraction of the run time so far, up to `PodmanSettings.poll_interval_s`.
 FIRST_POLL_S = 0.05
 POLL_FRACTION = 0.2
+# Inspect requests per state check when podman fails them while the container exits.
+INSPECT_ATTEMPTS = 3
+INSPECT_RETRY_S = 0.1
 CONTAINER_NAME_MAX_JOB_CHARS = 48
 
 
@@ -369,7 +372,7 @@ class PodmanRunner:
         """
         action = f"inspect container {container.id[:12]} of job {spec.job_id}"
         while True:
-            await self._call(action, container.reload)
+            await self._inspect(container, spec, action)
             if container.status in FINISHED_STATES:
                 exit_code = int(container.attrs["State"]["ExitCode"])
                 logger.info(
@@ -384,6 +387,30 @@ class PodmanRunner:
                 await self._kill(container, spec)
                 return None
             await asyncio.sleep(min(self._poll_delay(deadline - spec.walltime_s), remaining))
+
+    async def _inspect(self, container: Container, spec: RunSpec, action: str) -> None:
+        """Reload the container's state, retrying the failure podman reports at its exit.
+
+        podman 4.3.1 can fail an inspect of a container whose process is exiting with
+        HTTP 500 "read /proc/<pid>/cgroup: no such process", and a later inspect
+        shows the container exited. Other errors are raised at once.
+        """
+        for attempt in range(1, INSPECT_ATTEMPTS + 1):
+            try:
+                await self._call(action, container.reload)
+                return
+            except ContainerError as error:
+                if attempt == INSPECT_ATTEMPTS or not _is_exit_race(error.__cause__):
+                    raise
+                logger.info(
+                    "job %s: inspect of container %s failed while it exited (%s); "
+                    "retrying in %.1f s",
+                    spec.job_id,
+                    container.id[:12],
+                    error,
+                    INSPECT_RETRY_S,
+                )
+            await asyncio.sleep(INSPECT_RETRY_S)
 
     def _poll_delay(self, started: float) -> float:
         """Return the wait before the next state check of a container started at `started`.
@@ -621,6 +648,10 @@ def _is_missing_image(error: BaseException | None) -> bool:
     return isinstance(error, APIError) and "image not known" in (
         error.explanation or ""
     )
+
+
+def _is_exit_race(error: BaseException | None) -> bool:
+    return isinstance(error, APIError) and "no such process" in (error.explanation or "")
 
 
 def _nvidia_visible_devices(gpu_devices: Iterable[str]) -> str:
