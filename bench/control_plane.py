@@ -13,6 +13,7 @@ within one round, so load from other users of the machine hits both sides alike.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import uuid
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ class System:
     make_messages: Callable[[int, str], list[common.BenchMessage]]
     service: common.ServiceProcess
     ready_text: str
+    # The stage times an agent writes when it stops, with --trace-agent.
+    trace_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class CeleryConfig:
 
 def fairu_system(
     topology: common.BenchTopology, folder: Path, url: str, slots: int, log_level: str,
-    skip: str,
+    skip: str, trace: bool,
 ) -> System:
     competition = f"b{uuid.uuid4().hex[:8]}"
     queue = "cpu"
@@ -94,11 +97,12 @@ def fairu_system(
         agent_folder, url=url, key=key, competition=competition, queue=queue,
         runner="null", slots=slots,
     )
+    env = common.agent_env(topology.results_exchange, skip)
+    trace_path = agent_folder / "stages.json" if trace else None
+    if trace_path is not None:
+        env["FAIRU_BENCH_TRACE"] = str(trace_path)
     service = common.ServiceProcess(
-        name,
-        common.fairu_agent_argv(config, log_level),
-        agent_folder / "agent.log",
-        env=common.agent_env(topology.results_exchange, skip),
+        name, common.fairu_agent_argv(config, log_level), agent_folder / "agent.log", env=env
     )
 
     def make_messages(count: int, tag: str) -> list[common.BenchMessage]:
@@ -106,7 +110,7 @@ def fairu_system(
 
     return System(
         name, "fairu", JOBS_EXCHANGE, job_routing_key(competition, queue), make_messages,
-        service, "serving",
+        service, "serving", trace_path,
     )
 
 
@@ -239,6 +243,10 @@ def parse_args() -> argparse.Namespace:
         help="also run an agent with the first slot count that leaves out these steps "
         "(status, spool, record; comma separated), to measure what they cost; repeatable",
     )
+    parser.add_argument(
+        "--trace-agent", action="store_true",
+        help="print the mean time of each stage of an agent's jobs, over all its jobs",
+    )
     parser.add_argument("--only", help="comma-separated subset of fairu,celery,raw")
     parser.add_argument("--keep", action="store_true", help="keep the work folder and logs")
 
@@ -257,11 +265,13 @@ def build_systems(
     if "fairu" in wanted:
         for slots in slot_counts:
             systems.append(fairu_system(
-                topology, folder, args.broker, slots, args.agent_log_level, ""
+                topology, folder, args.broker, slots, args.agent_log_level, "",
+                args.trace_agent,
             ))
         for skip in args.fairu_skip:
             systems.append(fairu_system(
-                topology, folder, args.broker, slot_counts[0], args.agent_log_level, skip
+                topology, folder, args.broker, slot_counts[0], args.agent_log_level, skip,
+                args.trace_agent,
             ))
     if "celery" in wanted:
         for index, config in enumerate(args.celery):
@@ -295,7 +305,12 @@ def main() -> int:
                 unloaded[system.name].append(run_phase(
                     system, topology, args.broker, args.latency_jobs, 1, f"{tag}-one"
                 ))
+        for system in systems:
+            system.service.stop()
         report(args, systems, loaded, unloaded)
+        for system in systems:
+            if system.trace_path is not None:
+                report_stages(system)
     finally:
         for system in systems:
             system.service.stop()
@@ -359,8 +374,28 @@ def report(
             target_text,
             verdict,
         ])
+    if not ratio_rows:
+        return
     print()
     common.print_table(["jobs/s ratio, per round", "median [min-max]", "target", ""], ratio_rows)
+
+
+def report_stages(system: System) -> None:
+    assert system.trace_path is not None
+    if not system.trace_path.exists():
+        print(f"\n{system.name}: no stage times in {system.trace_path}; see its log")
+        return
+    stages = json.loads(system.trace_path.read_text())
+    jobs = stages.get("job, delivery to ack", {}).get("count", 0)
+    rows = [
+        [stage, str(values["count"]), f"{values['mean_ms']:.2f}"]
+        for stage, values in sorted(
+            stages.items(), key=lambda item: -item[1]["count"] * item[1]["mean_ms"]
+        )
+        if values["count"] >= jobs
+    ]
+    print(f"\n{system.name}: mean wall time of each stage over its {jobs} jobs\n")
+    common.print_table(["stage", "count", "mean ms"], rows)
 
 
 if __name__ == "__main__":
