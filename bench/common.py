@@ -6,6 +6,7 @@ deletes them when it ends, because the RabbitMQ node may be shared with other us
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -512,3 +513,23 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print(line(row))
+
+
+def print_stage_times(name: str, path: Path) -> None:
+    """Print the stage times that an agent run with FAIRU_BENCH_TRACE wrote to `path`.
+
+    Only stages that ran at least once per job are shown, most total time first.
+    """
+    if not path.exists():
+        print(f"\n{name}: no stage times in {path}; see the agent's log")
+        return
+    stages = json.loads(path.read_text())
+    jobs = stages.get("job, delivery to ack", {}).get("count", 0)
+    ordered = sorted(stages.items(), key=lambda item: -item[1]["count"] * item[1]["mean_ms"])
+    rows = [
+        [stage, str(values["count"]), f"{values['mean_ms']:.2f}"]
+        for stage, values in ordered
+        if values["count"] >= jobs
+    ]
+    print(f"\n{name}: mean wall time of each stage over its {jobs} jobs\n")
+    print_table(["stage", "count", "mean ms"], rows)

@@ -13,7 +13,6 @@ within one round, so load from other users of the machine hits both sides alike.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import uuid
 from dataclasses import dataclass
@@ -310,7 +309,7 @@ def main() -> int:
         report(args, systems, loaded, unloaded)
         for system in systems:
             if system.trace_path is not None:
-                report_stages(system)
+                common.print_stage_times(system.name, system.trace_path)
     finally:
         for system in systems:
             system.service.stop()
@@ -378,24 +377,6 @@ def report(
         return
     print()
     common.print_table(["jobs/s ratio, per round", "median [min-max]", "target", ""], ratio_rows)
-
-
-def report_stages(system: System) -> None:
-    assert system.trace_path is not None
-    if not system.trace_path.exists():
-        print(f"\n{system.name}: no stage times in {system.trace_path}; see its log")
-        return
-    stages = json.loads(system.trace_path.read_text())
-    jobs = stages.get("job, delivery to ack", {}).get("count", 0)
-    rows = [
-        [stage, str(values["count"]), f"{values['mean_ms']:.2f}"]
-        for stage, values in sorted(
-            stages.items(), key=lambda item: -item[1]["count"] * item[1]["mean_ms"]
-        )
-        if values["count"] >= jobs
-    ]
-    print(f"\n{system.name}: mean wall time of each stage over its {jobs} jobs\n")
-    common.print_table(["stage", "count", "mean ms"], rows)
 
 
 if __name__ == "__main__":
