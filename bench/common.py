@@ -56,8 +56,9 @@ class BenchTopology:
     `results_exchange` replaces fairu.results. It is a topic exchange with a durable
     quorum queue bound to `result.#`, as fairu.coordinator.records is bound in the
     real topology, so a result's publisher confirm waits for a quorum-queue write as
-    it does in production. The shared queue is not used, because thousands of
-    benchmark results would wait there for the next coordinator that reads it.
+    it does in production. The shared exchange is not used, because thousands of
+    benchmark results would wait in fairu.coordinator.records for the next
+    coordinator that reads it, and would reach every test that subscribes there.
     """
 
     url: str
