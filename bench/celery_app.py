@@ -4,9 +4,10 @@ The worker consumes a durable quorum queue with fairu's queue arguments, with
 acks_late, so a job is acked only after its task returns. The task publishes its
 result itself, persistent and with a publisher confirm (kombu's confirm_publish), to a
 topic exchange bound like fairu's results exchange. That is the path of a fairu result
-without the spool and the signature. Celery's own result backends are not used: the rpc
-backend publishes without a confirm into a transient reply queue, which is cheaper than
-what the agent does. Settings come from the environment:
+without the spool and the signature. Celery's own result backends are not used. The
+rpc backend of Celery 5.7 sends each result into a classic reply queue of the client,
+as a transient message unless result_persistent is set, which is cheaper than the
+quorum-queue write that a fairu result costs. Settings come from the environment:
 
     FAIRU_BENCH_BROKER_URL          AMQP URL
     FAIRU_BENCH_CELERY_QUEUE        the job queue, declared by the benchmark
