@@ -53,6 +53,13 @@ SETUP_HINT = (
 FINISHED_STATES = frozenset({"exited", "stopped"})
 # After SIGKILL, how long to wait for podman to report the container as exited.
 KILL_WAIT_S = 30.0
+# The first state check after the start waits this long, and each later wait is this
+# fraction of the run time so far, up to `PodmanSettings.poll_interval_s`.
+FIRST_POLL_S = 0.05
+POLL_FRACTION = 0.2
+# Inspect requests per state check when podman fails them while the container exits.
+INSPECT_ATTEMPTS = 3
+INSPECT_RETRY_S = 0.1
 CONTAINER_NAME_MAX_JOB_CHARS = 48
 GIB = 1024 * MIB
 # CPU seconds that RLIMIT_CPU allows beyond the job's cpus × walltime_s, so that the
@@ -104,7 +111,8 @@ class PodmanSettings:
     tmpfs_size: str = "256m"
     # Maximum bytes of log output kept per job. Earlier output is dropped.
     log_cap_bytes: int = 1 * MIB
-    # Interval between two state checks of a running container, in seconds.
+    # Maximum interval between two state checks of a running container, in seconds.
+    # Checks start more often, see `PodmanRunner._poll_delay`.
     poll_interval_s: float = 0.5
     # Limit of one API request in seconds. Container creation is one request, and with
     # the vfs storage driver it includes copying the whole image.
@@ -691,7 +699,7 @@ class PodmanRunner:
         )
         try:
             while True:
-                await self._call(action, container.reload)
+                await self._inspect(container, spec, action)
                 if container.status in FINISHED_STATES:
                     return await self._ended(container, spec, watch)
                 if watch.problem:
@@ -703,9 +711,45 @@ class PodmanRunner:
                         container, spec, f"walltime of {spec.walltime_s:.1f} s exceeded"
                     )
                     return _Ending(None, timed_out=True)
-                await watch.wait(min(self.settings.poll_interval_s, remaining))
+                delay = self._poll_delay(deadline - spec.walltime_s)
+                await watch.wait(min(delay, remaining))
         finally:
             watching.cancel()
+
+    async def _inspect(self, container: Container, spec: RunSpec, action: str) -> None:
+        """Reload the container's state, retrying the failure podman reports at its exit.
+
+        podman 4.3.1 can fail an inspect of a container whose process is exiting with
+        HTTP 500 "read /proc/<pid>/cgroup: no such process", and a later inspect
+        shows the container exited. Other errors are raised at once.
+        """
+        for attempt in range(1, INSPECT_ATTEMPTS + 1):
+            try:
+                await self._call(action, container.reload)
+                return
+            except ContainerError as error:
+                if attempt == INSPECT_ATTEMPTS or not _is_exit_race(error.__cause__):
+                    raise
+                logger.info(
+                    "job %s: inspect of container %s failed while it exited (%s); "
+                    "retrying in %.1f s",
+                    spec.job_id,
+                    container.id[:12],
+                    error,
+                    INSPECT_RETRY_S,
+                )
+            await asyncio.sleep(INSPECT_RETRY_S)
+
+    def _poll_delay(self, started: float) -> float:
+        """Return the wait before the next state check of a container started at `started`.
+
+        With a fixed interval, a job that runs for a fraction of a second waits up to
+        that interval for its result. Waiting a fifth of the run time so far bounds
+        the delay after the exit to FIRST_POLL_S or a fifth of the run time, whichever
+        is larger, and never more than poll_interval_s.
+        """
+        elapsed = time.monotonic() - started
+        return min(self.settings.poll_interval_s, max(FIRST_POLL_S, elapsed * POLL_FRACTION))
 
     async def _ended(
         self, container: Container, spec: RunSpec, watch: _OutputWatch
@@ -1052,6 +1096,10 @@ def _is_missing_image(error: BaseException | None) -> bool:
     return isinstance(error, APIError) and "image not known" in (
         error.explanation or ""
     )
+
+
+def _is_exit_race(error: BaseException | None) -> bool:
+    return isinstance(error, APIError) and "no such process" in (error.explanation or "")
 
 
 def _nvidia_visible_devices(gpu_devices: Iterable[str]) -> str:
