@@ -313,6 +313,11 @@ async def test_hostile_jobs_end_contained(
     competition, start_agent, signing_key, publish, results, make_job, podman_socket
 ):
     job_uid = job_host_uid(podman_socket)
+    # Containers of earlier tests (a killed agent's job, say) may still be ending;
+    # the fork-bomb check below counts every process of this UID.
+    deadline = time.monotonic() + 120
+    while processes_of(job_uid) and time.monotonic() < deadline:
+        await asyncio.sleep(1)
     assert processes_of(job_uid) == [], "another job of this UID is running"
     agent = start_agent(competition, extra=AGENT_LIMITS)
     state = agent.config_path.parent / "state"
