@@ -10,8 +10,10 @@ children stopped at 62 under this limit. RLIMIT_FSIZE is 64 MiB, /tmp 16 MiB,
 
 from __future__ import annotations
 
+import asyncio
 import os
 import textwrap
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
