@@ -105,7 +105,7 @@ def _drain(config_path: Path, wait_s: float) -> int:
 def _locked_pid(pid_file: Path) -> int | None:
     """Return the id of the agent holding the state folder's lock, or None.
 
-    A pid file nobody holds the lock on is stale, so its number is never signalled.
+    A pid file whose lock no process holds is stale, so its number is never signalled.
     """
     try:
         handle = open(pid_file)

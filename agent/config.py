@@ -1,6 +1,6 @@
 """The site config: one TOML file that an operator writes and `fairu-agent start` reads.
 
-Relative paths in the file are resolved against the folder that holds the file.
+Relative paths in the file are resolved against the folder that contains the file.
 Unknown keys are errors, so a misspelt setting never silently falls back to a default.
 """
 
@@ -63,7 +63,7 @@ class TrustSection(Section):
 
 
 class PolicySection(Section):
-    """What this site accepts. Empty lists accept everything the queues deliver."""
+    """The competitions, images and resources this site accepts. Empty lists accept everything the queues deliver."""
 
     competitions: list[Name] = []
     # Image reference prefixes, e.g. "ghcr.io/higgsml/" or "localhost/".

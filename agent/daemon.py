@@ -2,7 +2,7 @@
 
 One `Agent` owns one broker session at a time and reconnects with jittered
 exponential backoff when it drops. Jobs run as tasks and keep running across a
-reconnect; a delivery is acked only on the session that carried it, because a
+reconnect. A delivery is acked only on the session that carried it, because a
 delivery tag means nothing on another channel.
 """
 
@@ -276,7 +276,7 @@ class Agent:
                 await session.close()
             if session.access_refused:
                 raise SessionError(
-                    f"{exc}; the broker refused an operation to these credentials, so "
+                    f"{exc}; the broker rejected an operation for these credentials, so "
                     "check that the site's queues in the config are the ones assigned "
                     "to it (`fairu-admin sites list`)",
                     permanent=True,
@@ -586,7 +586,7 @@ class Agent:
     ) -> None:
         if session is not self.session or not session.is_open:
             # The broker already returned this delivery to its queue when the
-            # session closed; the redelivery is answered from the job record.
+            # session closed; the redelivery is acked from the job record.
             logger.info(
                 "delivery %d from %s belongs to a closed session; the broker requeued it",
                 delivery.delivery_tag, delivery.queue,

@@ -57,7 +57,7 @@ class InputCache:
             if path.exists():
                 logger.info("job %s input %s: cache hit %s", job_id, spec.name, spec.sha256[:12])
                 # The digest matched, so only a wrong declared size can differ; fail as
-                # a download would, whichever agent already holds the file.
+                # a download would, whichever agent already has the file.
                 size = (await asyncio.to_thread(path.stat)).st_size
                 _check_digest(spec, size, spec.sha256)
             else:

@@ -170,7 +170,7 @@ class JobPipeline:
         return Outcome(job.job_id, FinalStatus.CANCELLED, dead_letter=False)
 
     async def replay(self, job_id: str, result: bytes) -> Outcome:
-        """Answer a redelivered, already finished job from its record.
+        """Ack a redelivered, already finished job from its record.
 
         The result is published again only when the broker never confirmed it; a
         confirmed result is already in a durable queue, so the redelivery is just acked.
@@ -397,7 +397,7 @@ def claimed_job_id(body: bytes) -> str:
     return "unknown"
 
 
-# What ends a job's process with these signals, when fairu's rlimits are the cause.
+# The likely cause of each signal that can end a job's process.
 _SIGNAL_CAUSES = {
     signal.SIGKILL: "killed, for example by the out-of-memory killer or a hard rlimit",
     signal.SIGXCPU: "CPU time limit (cpus × walltime_s) reached",

@@ -90,7 +90,7 @@ class StateDir:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "message_sha256" not in columns:
             # Folders from fairu 0.1.0 before this column existed: their records
-            # match no message, so a repeat of such a job is answered as a replay.
+            # match no message, so a new message with such a job id is rejected as replayed.
             self._db.execute(
                 "ALTER TABLE jobs ADD COLUMN message_sha256 TEXT NOT NULL DEFAULT ''"
             )

@@ -75,7 +75,7 @@ class FairuError(Exception):
 
 
 class ConfigError(FairuError):
-    """A site config, key file or command-line value is invalid; the message says the fix."""
+    """A site config, key file or command-line value is invalid; the message names the fix."""
 
 
 class JobError(FairuError):

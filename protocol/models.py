@@ -133,7 +133,7 @@ class InputSpec(Model):
 
 
 class Resources(Model):
-    """What a job requests; the agent starts it only when all of it is free."""
+    """The resources a job requests; the agent starts it only when all of it is free."""
 
     cpus: Annotated[float, Field(gt=0, le=1024)] = 1.0
     memory_mb: Annotated[int, Field(gt=0, le=16 * 1024 * 1024)] = 1024
@@ -298,7 +298,7 @@ class GpuInfo(Model):
 class ResourceAmounts(Model):
     """An amount of agent resources: a total offered to jobs, or the part free now.
 
-    `gpus` holds the UUIDs of whole GPUs and of MIG devices, each given to one job
+    `gpus` contains the UUIDs of whole GPUs and of MIG devices, each given to one job
     at a time.
     """
 
@@ -316,7 +316,7 @@ class AgentState(StrEnum):
 
 
 class SandboxInfo(Model):
-    """How the agent's runner confines jobs on this host, probed when the agent starts.
+    """The confinement the agent's runner gives jobs on this host, probed when the agent starts.
 
     Each `*_limit` field is true where the runtime enforces the cgroup limit of that
     resource. Rootless podman on cgroup v1 enforces none of them, and kernel rlimits

@@ -15,7 +15,7 @@ DEAD_LETTER_EXCHANGE = "fairu.dlx"  # fanout
 TRUST_EXCHANGE = "fairu.trust"
 TRUST_STREAM = "fairu.trust.log"
 DEAD_LETTER_QUEUE = "fairu.dead"
-# Registrations and results share one queue, so the coordinator sees an agent's
+# Registrations and results share one queue, so the coordinator reads an agent's
 # registration before that agent's results; heartbeats have a queue of their own.
 COORDINATOR_RECORDS_QUEUE = "fairu.coordinator.records"
 COORDINATOR_HEARTBEATS_QUEUE = "fairu.coordinator.heartbeats"

@@ -223,7 +223,7 @@ def advance_root(
     """
     key, accepted = current, 0
     # A site may pin a root that came later than the first one; the link that
-    # introduced that root tells its version.
+    # introduced that root gives its version.
     current_text = public_key_text(current)
     for link in chain.links:
         claimed = _peek_rotation(link)

@@ -1091,8 +1091,8 @@ def _container_name(job_id: str) -> str:
 def _is_missing_image(error: BaseException | None) -> bool:
     if isinstance(error, ImageNotFound):
         return True
-    # podman 4.3.1 answers a create with a missing image with 500 "image not known",
-    # not 404, so podman-py raises a plain APIError.
+    # podman 4.3.1 fails a create with a missing image with HTTP 500 "image not
+    # known", not 404, so podman-py raises a plain APIError.
     return isinstance(error, APIError) and "image not known" in (
         error.explanation or ""
     )

@@ -139,7 +139,7 @@ def test_link_skipping_a_version_rejected(root):
         advance_root(root.public_key(), 1, chain)
 
 
-def test_job_signed_by_root_chain_wrapper_is_not_a_certificate(root, signer):
+def test_root_signature_is_not_certificate(root, signer):
     envelope = sign_payload(PAYLOAD, root)
     assert code_of(envelope, view(root)) is ErrorCode.UNKNOWN_KEY
 
@@ -150,7 +150,7 @@ def test_site_pinning_later_root_follows_chain(root):
     chain = RootChain(
         links=[sign_rotation(root, second.public_key(), 2), sign_rotation(second, third.public_key(), 3)]
     )
-    # A site installed after the first rotation pins the second root, and knows no
+    # A site installed after the first rotation pins the second root, and has no
     # version for it until the chain names it.
     advance = advance_root(second.public_key(), 1, chain)
     assert advance.version == 3
