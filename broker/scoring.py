@@ -144,13 +144,18 @@ def _add_bin_sums(
     or nan values."""
     num_groups = len(totals)
     exponents_all = np.arange(high_sums.shape[0]) % _EXPONENT_BINS
-    special = (exponents_all == _SPECIAL_EXPONENT) & ((high_sums != 0) | (low_sums != 0))
+    nonzero = (high_sums != 0) | (low_sums != 0)
+    # A bin of inf or nan values, or a bin sum beyond the float range: the group's
+    # sum is inf or nan, because every value is non-negative.
+    special = nonzero & (
+        (exponents_all == _SPECIAL_EXPONENT)
+        | ~np.isfinite(high_sums)
+        | ~np.isfinite(low_sums)
+    )
     special_groups = np.zeros(num_groups, dtype=bool)
     special_groups[np.flatnonzero(special) // _EXPONENT_BINS] = True
 
-    used = np.flatnonzero(
-        ((high_sums != 0) | (low_sums != 0)) & (exponents_all != _SPECIAL_EXPONENT)
-    )
+    used = np.flatnonzero(nonzero & ~special)
     exponents = exponents_all[used]
     # A value in bin e >= 1 is an integer times 2**(e - 1075); subnormals (e = 0)
     # share the unit of bin 1.
@@ -267,10 +272,13 @@ def pooled_scores(
     truth = truth_by_set[set_index]
     p16 = predictions.p16
     p84 = predictions.p84
-    width = np.abs(p84 - p16)
     covered = (p16 <= truth) & (truth <= p84)
-    errors = predictions.mu_hat - truth
-    squared = errors * errors
+    # Values near the float range overflow to inf here, and _check_finite then
+    # rejects the score that they make infinite.
+    with np.errstate(over="ignore"):
+        width = np.abs(p84 - p16)
+        errors = predictions.mu_hat - truth
+        squared = errors * errors
     absolute = np.abs(errors)
 
     records_per_set = np.bincount(set_index, minlength=len(truth_by_set))
