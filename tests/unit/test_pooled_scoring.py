@@ -296,9 +296,8 @@ def test_coverage_at_band_edges(edge, offset):
     n_experiments = 400
     low, high, _ = coverage_band(n_experiments)
     bound = low if edge == "low" else high
-    covered = math.floor(bound * n_experiments) + (offset if offset > 0 else 0)
-    if offset < 0:
-        covered -= 1
+    # floor(bound * n) / n is the last coverage at or below the bound.
+    covered = math.floor(bound * n_experiments) + offset
     mu_true = np.array([1.0])
     is_covered = np.arange(n_experiments) < covered
     predictions = Predictions(
