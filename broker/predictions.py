@@ -39,8 +39,13 @@ VALUE_KEYS = ("mu_hat", "delta_mu_hat", "p16", "p84")
 RECORD_KEYS = INDEX_KEYS + VALUE_KEYS
 
 # Bounds on one predictions body. A record written by the example's ingestion
-# program takes about 150 bytes, so the byte limit leaves room for indentation.
+# program takes about 150 bytes, so MAX_RECORD_BYTES leaves room for indentation
+# and extra keys.
 MAX_RECORDS = 1_000_000
+MAX_RECORD_BYTES = 512
+# NOTE: json.loads needs about 4 times the body size in memory for records like the
+# example's (555 bytes per record measured), and up to 10 times for a body of bare
+# numbers, so a body at this limit can take 2.5 GB while it is parsed.
 MAX_PREDICTIONS_BYTES = 256 * 1024 * 1024
 
 # How many offending indices an error message lists for each kind of defect.
@@ -310,12 +315,8 @@ def check_shard(
     and outside pairs, or PredictionsTooLargeError when the rectangle itself has
     more than max_records pairs.
     """
+    check_rectangle(shard, max_records)
     cells = shard.sets * shard.experiments
-    if cells > max_records:
-        raise PredictionsTooLargeError(
-            f"shard {shard.index} covers {cells} experiments; the limit is "
-            f"{max_records} per shard"
-        )
     rows = predictions.set - shard.first_set
     columns = predictions.experiment - shard.first_experiment
     inside = (rows >= 0) & (rows < shard.sets) & (columns >= 0)
@@ -360,23 +361,33 @@ def check_shard(
     )
 
 
+def check_rectangle(shard: ShardRectangle, max_records: int = MAX_RECORDS) -> None:
+    """Raise PredictionsTooLargeError when the shard has more than max_records cells."""
+    cells = shard.sets * shard.experiments
+    if cells > max_records:
+        raise PredictionsTooLargeError(
+            f"shard {shard.index} covers {cells} experiments; the limit is "
+            f"{max_records} per shard. Split the evaluation into smaller shards."
+        )
+
+
 def _cells_to_pairs(cells: np.ndarray, shard: ShardRectangle) -> np.ndarray:
     rows, columns = np.divmod(cells, shard.experiments)
     return np.column_stack((rows + shard.first_set, columns + shard.first_experiment))
 
 
 def _list_pairs(pairs: np.ndarray, times: Sequence[int] | None = None) -> str:
-    shown = []
+    descriptions = []
     for position, (set_index, experiment) in enumerate(
         pairs[:EXAMPLES_IN_MESSAGE].tolist()
     ):
         text = f"set {set_index} experiment {experiment}"
         if times is not None:
             text += f": {times[position]} records"
-        shown.append(text)
+        descriptions.append(text)
     if len(pairs) > EXAMPLES_IN_MESSAGE:
-        shown.append("...")
-    return ", ".join(shown)
+        descriptions.append("...")
+    return ", ".join(descriptions)
 
 
 def parse_shard(
@@ -388,10 +399,18 @@ def parse_shard(
 ) -> Predictions:
     """Parse one shard's predictions body and check it against the shard's rectangle.
 
-    Combines `parse_predictions` and `check_shard`, and raises their errors.
+    Combines `parse_predictions` and `check_shard`, and raises their errors. The
+    limits shrink to the rectangle: at most twice its experiments as records, so
+    that every record may appear twice in the error, and MAX_RECORD_BYTES per
+    record.
     """
+    check_rectangle(shard, max_records)
+    records_limit = min(max_records, 2 * shard.sets * shard.experiments)
     predictions = parse_predictions(
-        data, source=f"shard {shard.index}", max_bytes=max_bytes, max_records=max_records
+        data,
+        source=f"shard {shard.index}",
+        max_bytes=min(max_bytes, MAX_RECORD_BYTES * records_limit),
+        max_records=records_limit,
     )
     check_shard(predictions, shard, max_records=max_records)
     return predictions
@@ -538,7 +557,7 @@ def read_predictions_npz(
             expected = {"format", *RECORD_KEYS}
             if names != expected:
                 raise PredictionsError(
-                    f"{source} holds the arrays {sorted(names)}, expected "
+                    f"{source} contains the arrays {sorted(names)}, expected "
                     f"{sorted(expected)}; it was not written by write_predictions_npz"
                 )
             version = archive["format"]
@@ -549,7 +568,7 @@ def read_predictions_npz(
                 )
             arrays = {key: archive[key] for key in RECORD_KEYS}
     except (OSError, ValueError) as exc:
-        raise PredictionsError(f"cannot read {source}: {exc}") from None
+        raise PredictionsError(f"failed to read {source}: {exc}") from None
 
     try:
         predictions = Predictions(**arrays)
@@ -588,7 +607,7 @@ def _read_bounded(path: Path, max_bytes: int) -> bytes:
         with path.open("rb") as handle:
             data = handle.read(max_bytes + 1)
     except OSError as exc:
-        raise PredictionsError(f"cannot read {path}: {exc}") from None
+        raise PredictionsError(f"failed to read {path}: {exc}") from None
     if len(data) > max_bytes:
         raise PredictionsTooLargeError(
             f"{path} is larger than the limit of {max_bytes} bytes"

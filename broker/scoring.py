@@ -37,7 +37,8 @@ WIDTH_OFFSET = 1e-3
 MAX_SETS_WITH_PER_SET_SCORES = 32
 PER_SET_FIGURES = ("coverage", "interval", "rmse")
 
-# The most groups `exact_group_sums` takes: each group needs 2048 bins per array.
+# The maximum number of groups of `exact_group_sums`, because each group needs
+# 2048 bins per array.
 MAX_SUM_GROUPS = 1024
 
 # A float64 is sign (1 bit), biased exponent (11 bits) and fraction (52 bits).
@@ -50,14 +51,14 @@ _LOW_BITS = 27
 _LOW_MASK = np.int64((1 << _LOW_BITS) - 1)
 # Records per bincount pass. In one exponent bin each high part is q * 2**k with
 # q < 2**26, and each low part r * 2**k' with r < 2**27, so 2**25 of them add up
-# to less than 2**53 units: every partial sum in float64 is exact.
+# to less than 2**53 units, so every partial sum in float64 is exact.
 _BLOCK = 1 << 25
 # Sums are held as Python integers in units of 2**-1074, the smallest subnormal.
 _UNIT_EXPONENT = 1074
 
 
 class ScoringError(FairuError):
-    """Predictions or true mu values that cannot be scored; the message says why."""
+    """Predictions or true mu values that cannot be scored, with the reason."""
 
 
 # --- exact summation ----------------------------------------------------------------

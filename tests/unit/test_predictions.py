@@ -324,7 +324,34 @@ def test_shard_rectangle_over_limit():
         check_shard(predictions, shard, max_records=99_999)
 
     assert str(caught.value) == (
-        "shard 6 covers 100000 experiments; the limit is 99999 per shard"
+        "shard 6 covers 100000 experiments; the limit is 99999 per shard. "
+        "Split the evaluation into smaller shards."
+    )
+
+
+def test_shard_limits_follow_rectangle():
+    shard = shard_status(5, 0, 1, 0, 3)
+    doubled = grid_records(0, 1, 0, 3) * 2
+
+    with pytest.raises(IncompleteShardError, match="3 duplicated"):
+        parse_shard(encode(doubled), shard)
+    with pytest.raises(PredictionsTooLargeError) as caught:
+        parse_shard(encode(doubled + [record(0, 0)]), shard)
+
+    assert str(caught.value).startswith(
+        "shard 5 has 7 JSON objects; the limit is 6 records"
+    )
+
+
+def test_shard_byte_limit_follows_rectangle():
+    shard = shard_status(5, 0, 1, 0, 1)
+    padded = encode([record(0, 0, comment="x" * 1100)])
+
+    with pytest.raises(PredictionsTooLargeError) as caught:
+        parse_shard(padded, shard)
+
+    assert str(caught.value).startswith(
+        f"shard 5 is {len(padded)} bytes; the limit is 1024 bytes"
     )
 
 
@@ -484,7 +511,7 @@ def test_json_read_checks_grid(tmp_path):
 
 
 def test_json_read_missing_file(tmp_path):
-    with pytest.raises(PredictionsError, match="cannot read .*missing.json"):
+    with pytest.raises(PredictionsError, match="failed to read .*missing.json"):
         read_predictions_json(tmp_path / "missing.json")
 
 
@@ -521,7 +548,7 @@ def _valid_arrays():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda arrays: arrays.pop("p16"), "holds the arrays"),
+        (lambda arrays: arrays.pop("p16"), "contains the arrays"),
         (lambda arrays: arrays.update(format=np.int64(2)), "has format"),
         (
             lambda arrays: arrays.update(set=arrays["set"].astype(np.float64)),
@@ -557,7 +584,7 @@ def test_npz_read_rejects_pickled_objects(tmp_path):
     path = tmp_path / "pooled.npz"
     _save_npz(path, **arrays)
 
-    with pytest.raises(PredictionsError, match="cannot read"):
+    with pytest.raises(PredictionsError, match="failed to read"):
         read_predictions_npz(path)
 
 
@@ -565,7 +592,7 @@ def test_npz_read_rejects_other_file(tmp_path):
     path = tmp_path / "pooled.npz"
     path.write_bytes(b"not an archive")
 
-    with pytest.raises(PredictionsError, match="cannot read"):
+    with pytest.raises(PredictionsError, match="failed to read"):
         read_predictions_npz(path)
 
 
