@@ -10,7 +10,7 @@ script checks that pooled_scores returns exactly the reference's dict.
 Parsing: `parse_shard` of a 1,000-experiment shard's predictions.json, read from
 disk, against the example's `load_predictions` of the same file.
 
-    .venv/bin/python bench/scoring.py            # 7 rounds, about a minute
+    .venv/bin/python bench/scoring.py            # 7 rounds, about 20 s on 2 cores
 """
 
 from __future__ import annotations
@@ -42,10 +42,13 @@ SCORE_PATH = (
     / "score.py"
 )
 TARGET_MS = 100.0
+TARGET_EXPERIMENTS = 1_000_000
 
 
 def load_reference():
-    spec = importlib.util.spec_from_file_location("higgsml_demo_score_bench", SCORE_PATH)
+    spec = importlib.util.spec_from_file_location(
+        "higgsml_demo_score_bench", SCORE_PATH
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -84,9 +87,9 @@ def naive_scores(predictions: Predictions, mu_true: np.ndarray) -> dict[str, flo
     )
 
 
-def seconds(function: Callable[[], object]) -> float:
+def seconds(function: Callable[..., object], *args: object) -> float:
     started = time.perf_counter()
-    function()
+    function(*args)
     return time.perf_counter() - started
 
 
@@ -94,17 +97,19 @@ def bench_scoring(reference, rounds: int, experiments_total: int, seed: int) -> 
     rng = np.random.default_rng(seed)
     layouts = [(32, experiments_total // 32), (1000, experiments_total // 1000)]
     print(f"pooled scoring, {rounds} rounds, median ms")
-    print("layout          | pooled_scores | np.sum metric | compute_scores | "
-          "vs compute_scores | vs np.sum | same as reference")
+    print(
+        "layout          | pooled_scores | np.sum metric | compute_scores | "
+        "vs compute_scores | vs np.sum | same as reference"
+    )
     for num_sets, per_set in layouts:
         predictions, mu_true = make_predictions(rng, num_sets, per_set)
         records = predictions.to_records()
         times: dict[str, list[float]] = {"pooled": [], "naive": [], "reference": []}
         for _ in range(rounds):
-            times["pooled"].append(seconds(lambda: pooled_scores(predictions, mu_true)))
-            times["naive"].append(seconds(lambda: naive_scores(predictions, mu_true)))
+            times["pooled"].append(seconds(pooled_scores, predictions, mu_true))
+            times["naive"].append(seconds(naive_scores, predictions, mu_true))
             times["reference"].append(
-                seconds(lambda: reference.compute_scores(records, mu_true))
+                seconds(reference.compute_scores, records, mu_true)
             )
         same = pooled_scores(predictions, mu_true) == reference.compute_scores(
             records, mu_true
@@ -119,8 +124,9 @@ def bench_scoring(reference, rounds: int, experiments_total: int, seed: int) -> 
             f"{reference_ms:14.1f} | {reference_ms / pooled_ms:17.1f} | "
             f"{pooled_ms / naive_ms:9.2f} | {'yes' if same else 'NO'}"
         )
-        verdict = "met" if pooled_ms <= TARGET_MS else "missed"
-        print(f"  target {TARGET_MS:.0f} ms for {len(predictions)} experiments: {verdict}")
+        if len(predictions) == TARGET_EXPERIMENTS:
+            verdict = "met" if pooled_ms <= TARGET_MS else "missed"
+            print(f"  target {TARGET_MS:.0f} ms for one million experiments: {verdict}")
 
 
 def bench_parsing(reference, rounds: int, seed: int) -> None:
@@ -144,7 +150,9 @@ def bench_parsing(reference, rounds: int, seed: int) -> None:
         for _ in range(rounds * 10):
             ours.append(seconds(lambda: parse_shard(path.read_bytes(), shard)))
             theirs.append(
-                seconds(lambda: reference.load_predictions(str(path), len(mu_true), 500))
+                seconds(
+                    lambda: reference.load_predictions(str(path), len(mu_true), 500)
+                )
             )
         size = path.stat().st_size
     ours_ms = statistics.median(ours) * 1000
@@ -157,12 +165,14 @@ def bench_parsing(reference, rounds: int, seed: int) -> None:
 
 def bench_pooling(rounds: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    parts = [make_predictions(rng, 1, 1000, first_set=index)[0] for index in range(1000)]
-    pool_ms = statistics.median(seconds(lambda: pool(parts)) for _ in range(rounds)) * 1000
+    parts = [
+        make_predictions(rng, 1, 1000, first_set=index)[0] for index in range(1000)
+    ]
+    pool_ms = statistics.median(seconds(pool, parts) for _ in range(rounds)) * 1000
     pooled = pool(parts)
-    encode_ms = seconds(lambda: encode_predictions_json(pooled)) * 1000
+    encode_ms = seconds(encode_predictions_json, pooled) * 1000
     print(f"\npool of 1,000 shards of 1,000 with the repeat check: {pool_ms:.1f} ms")
-    print(f"encode_predictions_json of the pooled {len(pooled)} records: {encode_ms:.0f} ms")
+    print(f"encode_predictions_json of {len(pooled)} records: {encode_ms:.0f} ms")
 
 
 def main() -> None:

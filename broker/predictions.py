@@ -128,9 +128,13 @@ class Predictions:
             array = getattr(self, key)
             dtype = np.int64 if key in INDEX_KEYS else np.float64
             if not isinstance(array, np.ndarray) or array.dtype != dtype:
-                raise TypeError(f"Predictions.{key} must be a NumPy {dtype.__name__} array")
+                raise TypeError(
+                    f"Predictions.{key} must be a NumPy {dtype.__name__} array"
+                )
             if array.ndim != 1:
-                raise ValueError(f"Predictions.{key} must be 1-D, got shape {array.shape}")
+                raise ValueError(
+                    f"Predictions.{key} must be 1-D, got shape {array.shape}"
+                )
             if length is None:
                 length = array.shape[0]
             elif array.shape[0] != length:
@@ -153,7 +157,8 @@ class Predictions:
     def to_records(self) -> list[dict[str, Any]]:
         """Return the records as dicts with Python ints and floats, in array order."""
         columns = [getattr(self, key).tolist() for key in RECORD_KEYS]
-        return [dict(zip(RECORD_KEYS, row)) for row in zip(*columns)]
+        rows = zip(*columns, strict=True)
+        return [dict(zip(RECORD_KEYS, row, strict=True)) for row in rows]
 
 
 def empty_predictions() -> Predictions:
@@ -203,15 +208,18 @@ def _load_records(
     objects = data.count(b"{")
     if objects > max_records:
         raise PredictionsTooLargeError(
-            f"{source} has {objects} JSON objects; the limit is {max_records} records. "
-            "Split the evaluation into smaller shards."
+            f"{source} contains {objects} '{{' characters, so it may hold more than "
+            f"the limit of {max_records} records. Split the evaluation into smaller "
+            "shards."
         )
     try:
         records = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise PredictionsError(f"{source} is not UTF-8: {exc}") from None
     except RecursionError:
-        raise PredictionsError(f"{source} is not valid JSON: nested too deeply") from None
+        raise PredictionsError(
+            f"{source} is not valid JSON: nested too deeply"
+        ) from None
     except ValueError as exc:
         raise PredictionsError(f"{source} is not valid JSON: {exc}") from None
 
@@ -225,7 +233,9 @@ def _load_records(
             f"{source} has {len(records)} records; the limit is {max_records}"
         )
     if set(map(type, records)) != {dict}:
-        position = next(i for i, record in enumerate(records) if type(record) is not dict)
+        position = next(
+            i for i, record in enumerate(records) if type(record) is not dict
+        )
         raise PredictionsError(f"record {position} of {source} is not a JSON object")
     return records
 
@@ -290,7 +300,7 @@ def _value_column(records: list[dict[str, Any]], key: str, source: str) -> np.nd
     )
 
 
-def _fits_float(value: int | float) -> bool:
+def _fits_float(value: float) -> bool:
     try:
         float(value)
     except OverflowError:
@@ -340,9 +350,7 @@ def check_shard(
         parts.append(f"{len(missing)} missing ({_list_pairs(missing)})")
     if duplicated.size:
         times = counts[duplicated_cells[:EXAMPLES_IN_MESSAGE]].tolist()
-        parts.append(
-            f"{len(duplicated)} duplicated ({_list_pairs(duplicated, times)})"
-        )
+        parts.append(f"{len(duplicated)} duplicated ({_list_pairs(duplicated, times)})")
     if outside.size:
         parts.append(f"{len(outside)} outside the shard ({_list_pairs(outside)})")
     last_set = shard.first_set + shard.sets - 1
@@ -613,4 +621,3 @@ def _read_bounded(path: Path, max_bytes: int) -> bytes:
             f"{path} is larger than the limit of {max_bytes} bytes"
         )
     return data
-

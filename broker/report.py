@@ -124,6 +124,7 @@ def sample_for_plot(
         set_numbers[:max_sets].tolist(),
         starts[:max_sets].tolist(),
         counts[:max_sets].tolist(),
+        strict=True,
     ):
         ranks = np.unique(np.linspace(0, count - 1, min(count, max_per_set)).round())
         positions = order[start + ranks.astype(np.int64)]
@@ -219,7 +220,9 @@ def render_report_html(
         f"<h1>{_escape(title)}</h1>",
     ]
     if details:
-        parts.append(_table(["", ""], [[label, text] for label, text in details.items()]))
+        parts.append(
+            _table(["", ""], [[label, text] for label, text in details.items()])
+        )
     parts.append("<h2>Scores</h2>")
     parts.append(
         _table(["score", "value"], [[name, value] for name, value in global_rows])
@@ -294,4 +297,3 @@ def format_number(value: float) -> str:
 
 def _escape(text: str) -> str:
     return html.escape(text, quote=True)
-

@@ -169,6 +169,7 @@ def _add_bin_sums(
         shifts.tolist(),
         high_units.tolist(),
         low_units.tolist(),
+        strict=True,
     ):
         totals[group] += ((high << _LOW_BITS) + low) << shift
     return special_groups
@@ -310,9 +311,7 @@ def pooled_scores(
         if groups is None:
             covered_by_set = [int(np.count_nonzero(covered))]
         else:
-            covered_by_set = (
-                np.bincount(groups[covered], minlength=num_groups).tolist()
-            )
+            covered_by_set = np.bincount(groups[covered], minlength=num_groups).tolist()
         for position, set_number in enumerate(scored_sets.tolist()):
             n_in_set = int(records_per_set[set_number])
             scores[f"set_{set_number}.coverage"] = (

@@ -34,7 +34,9 @@ SCORE_PATH = (
 
 
 def _load_score_program():
-    spec = importlib.util.spec_from_file_location("higgsml_demo_score_pooled", SCORE_PATH)
+    spec = importlib.util.spec_from_file_location(
+        "higgsml_demo_score_pooled", SCORE_PATH
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -97,6 +99,13 @@ def test_exact_sum_matches_fsum_subnormals():
 
     assert values.min() < 2.0**-1022
     assert exact_sum(values) == math.fsum(values)
+
+
+def test_exact_sum_subnormal_result():
+    values = np.array([5e-324, 3 * 5e-324, 2.0**-1070, 0.0])
+
+    assert exact_sum(values) == math.fsum(values)
+    assert exact_sum(values) == 4 * 5e-324 + 2.0**-1070
 
 
 def test_exact_sum_many_equal_values_carry():
@@ -214,7 +223,9 @@ def _naive_figures(predictions, mu_true):
     }
 
 
-@pytest.mark.parametrize(("seed", "figure"), [(2, "interval"), (10, "rmse"), (8, "mae")])
+@pytest.mark.parametrize(
+    ("seed", "figure"), [(2, "interval"), (10, "rmse"), (8, "mae")]
+)
 def test_naive_sum_would_fail(seed, figure):
     # np.sum in place of the exact sums would change these scores, so the equality
     # tests can detect that mistake.
@@ -416,9 +427,7 @@ def test_set_without_true_mu_rejected():
     with pytest.raises(ScoringError) as caught:
         pooled_scores(predictions, mu_true[:2])
 
-    assert str(caught.value) == (
-        "record 8 has set 2, but mu_true covers sets 0 .. 1"
-    )
+    assert str(caught.value) == ("record 8 has set 2, but mu_true covers sets 0 .. 1")
 
 
 @pytest.mark.parametrize(
@@ -483,7 +492,5 @@ def test_pooled_shards_equal_unsharded_score():
     pooled = pool(reversed(parts))
 
     assert len(pooled) == len(whole)
-    assert pooled_scores(pooled, mu_true) == reference.compute_scores(
-        records, mu_true
-    )
+    assert pooled_scores(pooled, mu_true) == reference.compute_scores(records, mu_true)
     assert pooled_scores(pooled, mu_true) == pooled_scores(whole, mu_true)
