@@ -131,6 +131,7 @@ class StoredLease:
     expiries: int
 
 
+HELD, RELEASED, QUEUED = "held", "released", "queued"
 LEASE_COLUMNS = (
     "job_id, agent_id, state, routing_key, message, ttl_s, expires_at, expiries"
 )
