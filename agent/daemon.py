@@ -564,8 +564,7 @@ class Agent:
         """Claim a job that may start and ack its delivery; return False to drop it.
 
         A job whose claim cannot reach the coordinator's queue runs with its
-        delivery unacked instead, as fairu did before leases, so the broker's
-        consumer_timeout applies to it.
+        delivery unacked instead, so the broker's consumer_timeout bounds its run.
         """
         assert self.leases is not None
         session, delivery, job_id = running.session, running.delivery, running.job.job_id

@@ -4,8 +4,8 @@ Once a job may start, the agent stores a claim in its state folder, publishes a
 signed lease event with a publisher confirm to the coordinator, and only then acks
 the delivery. Heartbeats that list the job renew its lease. A job that will not
 finish here is released, so that the coordinator queues it again at once. The
-broker's consumer_timeout then never applies to a running job, because no running
-job holds an unacked delivery.
+broker's consumer_timeout then never applies to a running job, because the delivery
+of a running job is already acked.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class AgentLeases:
     async def claim(self, session: AmqpSession, claim: Claim) -> None:
         """Store the claim, then publish it and wait for the broker's confirm.
 
-        Raises `SessionError` when the publish fails; the stored claim is then
-        removed, since the coordinator may never have seen it.
+        Raises `SessionError` when the publish fails, after removing the stored
+        claim, because the coordinator may never have seen it.
         """
         await asyncio.to_thread(
             self.state.record_claim, claim.job_id, claim.routing_key, claim.message
@@ -48,7 +48,7 @@ class AgentLeases:
             await self._publish(session, LeaseAction.CLAIM, claim)
         except BaseException:
             # Also on a stop during the publish: the caller hands the delivery back
-            # unacked, and whoever receives it next claims the job again.
+            # unacked, and the agent that receives it next claims the job again.
             await asyncio.to_thread(self.state.drop_claim, claim.job_id)
             raise
         logger.info(
@@ -59,8 +59,8 @@ class AgentLeases:
     async def release(self, session: AmqpSession | None, claim: Claim) -> bool:
         """Ask the coordinator to queue a claimed job again; return False on failure.
 
-        A claim that could not be released stays stored, so that the next start
-        releases it; until then the coordinator queues the job when its lease expires.
+        A claim that could not be released stays stored, so the next start releases
+        it. Until then, the coordinator queues the job when its lease expires.
         """
         if session is None or not session.is_open:
             logger.warning(

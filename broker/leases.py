@@ -68,7 +68,7 @@ class Leases:
                 message, event.ttl_s, now,
             )
             logger.info(
-                "agent %s holds the lease of job %s (%g s)",
+                "agent %s claimed job %s with a lease of %g s",
                 event.agent_id, event.job_id, event.ttl_s,
             )
             return

@@ -285,3 +285,41 @@ async def test_lease_expiry_limit_fails_job(
     ]
     assert counts == [None, 1, 2]
     assert private_coordinator.store.lease(job.job_id) is None
+
+
+async def test_unroutable_claim_runs_unacked(
+    private_broker,
+    private_coordinator,
+    private_competition,
+    start_private_agent,
+    private_publish,
+    make_job,
+    signing_key,
+):
+    agent = await asyncio.to_thread(
+        start_private_agent, private_competition, runner="null"
+    )
+    # After the agent has started, the coordinator has declared the topology, so it
+    # does not bind the lease routing key again.
+    session = AmqpSession(private_broker.url, name="fairu-tests unbind")
+    await session.open()
+    unbound = asyncio.get_running_loop().create_future()
+    session.channel.queue_unbind(
+        queue="fairu.coordinator.records",
+        exchange=EVENTS_EXCHANGE,
+        routing_key="agent.lease.#",
+        callback=unbound.set_result,
+    )
+    await asyncio.wait_for(unbound, 10)
+    await session.close()
+    job = make_job(private_competition)
+
+    await private_publish(private_competition, signing_key.sign(job))
+
+    stored = await recorded_once(
+        private_coordinator, private_broker, private_competition, job.job_id
+    )
+    assert stored.status == "succeeded"
+    assert f"could not claim job {job.job_id}" in agent.log()
+    assert "running it with its delivery unacked" in agent.log()
+    assert f"claimed job {job.job_id}" not in agent.log()
