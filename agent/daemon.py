@@ -45,8 +45,8 @@ from fairu.protocol.topology import (
     RESULTS_EXCHANGE,
     TRUST_STREAM,
     heartbeat_routing_key,
-    registration_routing_key,
     job_routing_key,
+    registration_routing_key,
     result_routing_key,
     status_routing_key,
 )
