@@ -335,10 +335,12 @@ class _QueueState:
 class PrefetchGate:
     """Keeps each job queue's prefetch credit at the jobs that could start now.
 
-    A consumer's credit is its prefetch less its unsettled deliveries, so a job that
-    ends gives its credit back without any change here. The gate creates a new
-    consumer only when the credit must grow beyond that or shrink, and none while
-    no job could start. Deliveries not decided yet count against the estimate,
+    A consumer's credit is its prefetch less its unsettled deliveries. A job's
+    delivery is acked when the job is claimed (`claimed`), so a running job holds a
+    grant in `Admission` but no credit. The gate therefore replaces the consumer
+    before that ack whenever the credit that the ack returns exceeds what could
+    start. It creates a new consumer only when the credit must change, and none
+    while no job could start. Deliveries not decided yet count against the estimate,
     because each of them may take resources that `Admission` does not show as taken.
 
     NOTE: every queue gets the whole estimate, because RabbitMQ has no prefetch
@@ -398,6 +400,19 @@ class PrefetchGate:
         if state is not None:
             state.held = True
             await self.refresh()
+
+    async def claimed(self, delivery: Delivery) -> None:
+        """Stop counting a delivery that is about to be acked while its job runs.
+
+        The consumers are updated before the caller acks, because the ack returns
+        the delivery's credit to its consumer and the broker would otherwise send
+        a job that cannot start. The running job's grant bounds the credit instead.
+        """
+        self.pending.discard(id(delivery))
+        for state in self.queues.values():
+            if state.consumer is not None:
+                state.consumer.unsettled.discard(id(delivery))
+        await self.refresh()
 
     def settled(self, delivery: Delivery) -> None:
         """Note that a delivery was acked or nacked, which returns its credit."""
@@ -462,6 +477,8 @@ class PrefetchGate:
         if current is not None:
             state.consumer = None
             await session.cancel(current.tag)
+            # Deliveries that arrived before the cancel took effect are pending now.
+            allowed = self.allowed(state)
         if allowed == 0 or self.stopped:
             logger.debug("not consuming %s: no job could start now", state.name)
             return

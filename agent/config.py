@@ -14,7 +14,15 @@ from typing import Annotated, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 import pika
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fairu.protocol.errors import ConfigError
 from fairu.protocol.models import Name
@@ -114,11 +122,18 @@ class QueueSection(Section):
         return job_queue_name(self.competition, self.name)
 
 
+# A lease must outlast this many heartbeat intervals.
+LEASE_TTL_MIN_HEARTBEATS = 3
+
+
 class AgentSection(Section):
     state_dir: Path
     slots: Annotated[int, Field(ge=1, le=1024)] = 1
     heartbeat_interval_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     stop_grace_s: Annotated[float, Field(ge=0, le=7 * 24 * 3600)] = 30.0
+    # Seconds the coordinator keeps a claimed job's lease without a heartbeat that
+    # renews it; after that it queues the job again (docs/delivery.md).
+    lease_ttl_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
     max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = (
         DEFAULT_MAX_MESSAGE_BYTES
     )
@@ -129,6 +144,17 @@ class AgentSection(Section):
     # coordinator approves the agent on its first registration with it.
     enrollment_token: str | None = None
     enrollment_token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_lease_ttl(self) -> AgentSection:
+        if self.lease_ttl_s < LEASE_TTL_MIN_HEARTBEATS * self.heartbeat_interval_s:
+            raise ValueError(
+                f"lease_ttl_s {self.lease_ttl_s:g} is less than {LEASE_TTL_MIN_HEARTBEATS} "
+                f"heartbeat intervals ({self.heartbeat_interval_s:g} s); raise "
+                "lease_ttl_s or lower heartbeat_interval_s, so that one late heartbeat "
+                "does not send a running job to another agent"
+            )
+        return self
 
     def read_enrollment_token(self) -> str | None:
         if self.enrollment_token_file is None:

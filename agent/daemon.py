@@ -37,6 +37,7 @@ from fairu.protocol.models import (
     StatusEvent,
     utc_now,
 )
+from fairu.protocol.placement import GpuUnit
 from fairu.protocol.signing import decode_envelope, parse_payload, public_key_text, sign_model
 from fairu.protocol.trust import verify_job_envelope
 from fairu.protocol.topology import (
@@ -44,6 +45,7 @@ from fairu.protocol.topology import (
     RESULTS_EXCHANGE,
     TRUST_STREAM,
     heartbeat_routing_key,
+    job_routing_key,
     registration_routing_key,
     result_routing_key,
     status_routing_key,
@@ -62,11 +64,12 @@ from .admission import (
 from .config import SiteConfig
 from .fetch import InputCache
 from .health import AgentMetrics, Gauges, HealthServer
+from .leases import AgentLeases
 from .pipeline import JobPipeline, Outcome, PipelineSettings, message_digest
 from .policy import review_sandbox
 from .probe import Capacity, probe_capacity
-from .session import AmqpSession, Delivery, SessionError
-from .state import Identity, StateDir
+from .session import AmqpSession, Delivery, PublishFailed, SessionError
+from .state import Claim, Identity, StateDir
 from .trust import TrustStore
 
 logger = logging.getLogger(__name__)
@@ -92,6 +95,14 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
     # Set by a cancel request; the task is then cancelled and ends the job as cancelled.
     cancel_reason: str | None = None
+    # True once the coordinator confirmed the claim and the delivery was acked; a
+    # job that could not be claimed runs with its delivery unacked.
+    claimed: bool = False
+
+    @property
+    def claim(self) -> Claim:
+        routing_key = job_routing_key(self.job.competition, self.job.queue)
+        return Claim(self.job.job_id, routing_key, self.delivery.body)
 
 
 @dataclass
@@ -133,6 +144,9 @@ class Agent:
         self._trust_backlog = 0
         self._trust_caught_up = asyncio.Event()
         self.sandbox: SandboxInfo | None = None
+        self.leases: AgentLeases | None = None
+        # Deliveries acked on claim, by id(), so that no later step settles them again.
+        self._acked_claims: set[int] = set()
 
     @property
     def agent_id(self) -> str:
@@ -169,6 +183,7 @@ class Agent:
         self.identity = await asyncio.to_thread(
             self.state.load_identity, self.config.site.name
         )
+        self.leases = AgentLeases(self.identity, self.state, self.config.agent.lease_ttl_s)
         self.trust = TrustStore(
             self.config.agent.state_dir / "trust",
             self.config.root_key(),
@@ -312,6 +327,8 @@ class Agent:
         self.metrics.session_opened()
         await self._flush_spool(session)
         await self._publish_registration(session)
+        assert self.leases is not None
+        await self.leases.release_left_over(session, self.running)
         # Read the whole history: versions only go up and cancellations are final, so
         # replaying it is harmless and catches up on what this agent missed offline.
         # Jobs are consumed only after the replay, so a revoked key or a cancelled job
@@ -384,14 +401,21 @@ class Agent:
         unfinished = [job for job in self.running.values() if job.task and not job.task.done()]
         for job in unfinished:
             logger.warning(
-                "agent %s handing job %s back to the broker for redelivery",
-                self.agent_id, job.job.job_id,
+                "agent %s handing job %s back to be run again", self.agent_id, job.job.job_id
             )
             assert job.task is not None
             job.task.cancel()
         await asyncio.gather(*(job.task for job in unfinished if job.task), return_exceptions=True)
         for job in unfinished:
+            await self._hand_back(job)
+
+    async def _hand_back(self, job: RunningJob) -> None:
+        """Release a claimed job to the coordinator, or return an unacked delivery."""
+        if not job.claimed:
             self._settle(job.session, job.delivery, requeue=True)
+            return
+        assert self.leases is not None
+        await self.leases.release(self.session, job.claim)
 
     async def _sleep_unless_stopped(self, delay: float) -> None:
         try:
@@ -425,10 +449,19 @@ class Agent:
                 self.agent_id, delivery.delivery_tag, delivery.queue,
             )
             outcome = await self._pipeline.fail_internal(delivery, exc)
-            self._settle_outcome(session, delivery, outcome)
+            if id(delivery) in self._acked_claims:
+                # The delivery is acked already. The coordinator audits this result
+                # without recording it, and queues the job again when its lease
+                # expires, at most lease_expiry_limit times.
+                self._count_outcome(outcome)
+                assert self.leases is not None
+                await self.leases.finish(outcome.job_id)
+            else:
+                self._settle_outcome(session, delivery, outcome)
         finally:
             assert self.gate is not None
             self.gate.settled(delivery)
+            self._acked_claims.discard(id(delivery))
 
     async def _handle_delivery(self, session: AmqpSession, delivery: Delivery) -> None:
         assert self._pipeline is not None
@@ -441,6 +474,9 @@ class Agent:
             return
 
         running = self.running.get(job.job_id)
+        if running is not None and running.claimed:
+            await self._renew_claim(session, delivery, running)
+            return
         if running is not None and running.session is session and session.is_open:
             # A second copy of the job message, such as a publisher's retry after a
             # lost confirm. The first delivery stays unacked until the job ends, so
@@ -491,13 +527,28 @@ class Agent:
 
         running = RunningJob(job, session, delivery, asyncio.current_task())  # type: ignore[arg-type]
         self.running[job.job_id] = running
-        units = decision.grant.units
+        try:
+            if not await self._claim(running):
+                return
+            outcome = await self._execute(running, decision.grant.units)
+        finally:
+            self.running.pop(job.job_id, None)
+            self.gate.release(job.job_id)
+        if running.claimed:
+            assert self.leases is not None
+            self._count_outcome(outcome)
+            await self.leases.finish(job.job_id)
+        else:
+            self._settle_outcome(running.session, running.delivery, outcome)
+
+    async def _execute(self, running: RunningJob, units: tuple[GpuUnit, ...]) -> Outcome:
+        assert self._pipeline is not None
+        pipeline = self._pipeline
+        job, delivery = running.job, running.delivery
         devices = [cdi_device_name(unit, self.config.resources) for unit in units]
         uuids = [unit.uuid for unit in units]
         try:
-            outcome = await pipeline.execute(
-                job, delivery, gpu_devices=devices, gpu_uuids=uuids
-            )
+            return await pipeline.execute(job, delivery, gpu_devices=devices, gpu_uuids=uuids)
         except asyncio.CancelledError:
             if running.cancel_reason is None:
                 raise
@@ -505,11 +556,72 @@ class Agent:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            outcome = await pipeline.cancel(job, delivery, running.cancel_reason)
-        finally:
-            self.running.pop(job.job_id, None)
-            self.gate.release(job.job_id)
-        self._settle_outcome(running.session, running.delivery, outcome)
+            return await pipeline.cancel(job, delivery, running.cancel_reason)
+
+    # --- claims (docs/delivery.md) ------------------------------------------------
+
+    async def _claim(self, running: RunningJob) -> bool:
+        """Claim a job that may start and ack its delivery; return False to drop it.
+
+        A job whose claim cannot reach the coordinator's queue runs with its
+        delivery unacked instead, so the broker's consumer_timeout bounds its run.
+        """
+        assert self.leases is not None
+        session, delivery, job_id = running.session, running.delivery, running.job.job_id
+        try:
+            await self.leases.claim(session, running.claim)
+        except SessionError as exc:
+            if isinstance(exc, PublishFailed) and exc.permanent:
+                logger.error(
+                    "agent %s could not claim job %s (%s); running it with its delivery "
+                    "unacked, so the broker's consumer_timeout bounds its run time. "
+                    "Declare the topology with `fairu-admin topology declare`",
+                    self.agent_id, job_id, exc,
+                )
+                return True
+            logger.warning(
+                "agent %s could not claim job %s (%s); handing its delivery back",
+                self.agent_id, job_id, exc,
+            )
+            self._settle(session, delivery, requeue=True)
+            return False
+        running.claimed = True
+        await self._ack_claimed(session, delivery)
+        return True
+
+    async def _renew_claim(
+        self, session: AmqpSession, delivery: Delivery, running: RunningJob
+    ) -> None:
+        """Ack a copy of a job that runs here under a claim, after claiming it again.
+
+        The copy comes from a publisher's retry, or from the coordinator after the
+        lease lapsed, for example while this agent was cut off from the broker. The
+        new claim makes the lease this agent's again.
+        """
+        assert self.leases is not None
+        job_id = running.job.job_id
+        logger.info(
+            "job %s delivered again while running here; renewing its claim and "
+            "acking the copy", job_id,
+        )
+        try:
+            await self.leases.claim(session, running.claim)
+        except SessionError as exc:
+            logger.warning(
+                "agent %s could not renew its claim of job %s (%s); handing the copy back",
+                self.agent_id, job_id, exc,
+            )
+            self._settle(session, delivery, requeue=True)
+            return
+        await self._ack_claimed(session, delivery)
+
+    async def _ack_claimed(self, session: AmqpSession, delivery: Delivery) -> None:
+        # The gate adjusts the consumers before the ack, because the ack returns the
+        # delivery's prefetch credit, which a running job must not get back.
+        assert self.gate is not None
+        await self.gate.claimed(delivery)
+        self._acked_claims.add(id(delivery))
+        self._settle(session, delivery, requeue=False)
 
     async def _give_back(
         self, session: AmqpSession, delivery: Delivery, job: JobSpec, decision: Decision
@@ -572,9 +684,12 @@ class Agent:
             running.task.cancel()
 
     def _settle_outcome(self, session: AmqpSession, delivery: Delivery, outcome: Outcome) -> None:
+        self._count_outcome(outcome)
+        self._settle(session, delivery, requeue=False, dead_letter=outcome.dead_letter)
+
+    def _count_outcome(self, outcome: Outcome) -> None:
         if not outcome.replayed:
             self.metrics.job_finished(outcome.status.value, outcome.duration_s)
-        self._settle(session, delivery, requeue=False, dead_letter=outcome.dead_letter)
 
     def _settle(
         self,

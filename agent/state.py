@@ -3,7 +3,8 @@
 Layout under `state_dir`:
 
     identity.key        Ed25519 private key, mode 0600, made on first start
-    jobs.sqlite         one row per finished or rejected job id, with its signed result
+    jobs.sqlite         one row per finished or rejected job id, with its signed result,
+                        and one per claimed job that has not ended yet (its lease)
     spool/              results written before publishing and removed once confirmed
     cache/              inputs by sha256 (see `fetch`)
     work/<job>/output   the container's writable folder
@@ -58,6 +59,16 @@ class JobRecord:
     published: bool = False
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A job whose delivery this agent acked and whose lease it holds."""
+
+    job_id: str
+    routing_key: str
+    # The exact signed job message, so that a release can queue it again unchanged.
+    message: bytes
+
+
 class StateDir:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -98,6 +109,11 @@ class StateDir:
             # Set once the broker confirmed the result, so a redelivery after that
             # needs only an ack.
             self._db.execute("ALTER TABLE jobs ADD COLUMN published INTEGER NOT NULL DEFAULT 0")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS claims (job_id TEXT PRIMARY KEY,"
+            " routing_key TEXT NOT NULL, message BLOB NOT NULL,"
+            " claimed_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+        )
         self._db.commit()
 
     def close(self) -> None:
@@ -177,6 +193,33 @@ class StateDir:
         with self._db_lock:
             assert self._db is not None
             self._db.execute("UPDATE jobs SET published = 1 WHERE job_id = ?", (job_id,))
+            self._db.commit()
+
+    # --- claimed jobs -------------------------------------------------------------
+
+    def record_claim(self, job_id: str, routing_key: str, message: bytes) -> None:
+        """Store a claim before its lease is published, replacing an older one."""
+        with self._db_lock:
+            assert self._db is not None
+            self._db.execute(
+                "INSERT OR REPLACE INTO claims (job_id, routing_key, message)"
+                " VALUES (?, ?, ?)",
+                (job_id, routing_key, message),
+            )
+            self._db.commit()
+
+    def claims(self) -> list[Claim]:
+        with self._db_lock:
+            assert self._db is not None
+            rows = self._db.execute(
+                "SELECT job_id, routing_key, message FROM claims ORDER BY claimed_at"
+            ).fetchall()
+        return [Claim(row[0], row[1], bytes(row[2])) for row in rows]
+
+    def drop_claim(self, job_id: str) -> None:
+        with self._db_lock:
+            assert self._db is not None
+            self._db.execute("DELETE FROM claims WHERE job_id = ?", (job_id,))
             self._db.commit()
 
     # --- result spool -----------------------------------------------------------

@@ -157,6 +157,9 @@ signing_keys = ["{signing_key}"]
 state_dir = "state"
 slots = {args.slots}
 heartbeat_interval_s = 5
+# Short, so that the coordinator queues a killed agent's job again well within the
+# recovery time at the end of the run.
+lease_ttl_s = 20
 stop_grace_s = 10
 enrollment_token = "{token}"
 [[queues]]

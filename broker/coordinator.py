@@ -36,7 +36,9 @@ from fairu.protocol.models import (
     FinalStatus,
     Heartbeat,
     JobResult,
+    MAX_LEASE_MESSAGE_BYTES,
     JobSpec,
+    LeaseEvent,
     Registration,
     utc_now,
 )
@@ -64,6 +66,7 @@ from fairu.protocol.topology import (
     result_routing_key,
 )
 
+from .leases import LEASE_EXPIRY_LIMIT, Leases
 from .scheduling import (
     MAX_REQUEUE_ROUNDS,
     REQUEUE_ROUNDS_HEADER,
@@ -105,8 +108,12 @@ class Coordinator:
         queues: CoordinatorQueues = CoordinatorQueues(),
         key: Ed25519PrivateKey | None = None,
         requeue_delay: Callable[[int], float] = requeue_delay_s,
+        lease_expiry_limit: int = LEASE_EXPIRY_LIMIT,
     ) -> None:
-        """`key` signs the coordinator's own results; None makes a key for this run."""
+        """`key` signs the coordinator's own results; None makes a key for this run.
+
+        A job fails once its lease has expired `lease_expiry_limit` times.
+        """
         self.broker_url = broker_url
         self.store = store
         self.queues = queues
@@ -115,6 +122,7 @@ class Coordinator:
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._workers: dict[str, _Worker] = {}
+        self.leases = Leases(store, self._fail_job, lease_expiry_limit)
 
     async def run(self) -> None:
         logger.info("coordinator starting with database %s", self.store.path)
@@ -177,6 +185,9 @@ class Coordinator:
                 queues.append(self.queues.dead_letters)
             for queue in queues:
                 await session.consume(queue, lambda d: self._spawn(session, d))
+            sweep = asyncio.create_task(self.leases.serve(session, self._caught_up))
+            self._tasks.add(sweep)
+            sweep.add_done_callback(self._tasks.discard)
             logger.info("coordinator serving")
             assert session.closed is not None
             stop = asyncio.create_task(self.stopping.wait())
@@ -231,7 +242,8 @@ class Coordinator:
     # --- agent events -----------------------------------------------------------
 
     async def handle_message(self, body: bytes) -> None:
-        envelope = decode_envelope(body)
+        # A lease event carries a whole job message, so it may exceed a job's limit.
+        envelope = decode_envelope(body, MAX_LEASE_MESSAGE_BYTES)
         kind = _peek_kind(envelope.payload)
         if kind == "registration":
             await self._register(envelope)
@@ -239,6 +251,8 @@ class Coordinator:
             await self._heartbeat(envelope)
         elif kind == "result":
             await self._record_result(envelope, body)
+        elif kind == "lease":
+            await self._lease(envelope)
         else:
             raise RejectedError(ErrorCode.BAD_PAYLOAD, f"unexpected message kind {kind!r}")
 
@@ -257,6 +271,7 @@ class Coordinator:
             beat.capacity.model_dump(mode="json") if beat.capacity else None,
             beat.free.model_dump(mode="json") if beat.free else None,
         )
+        await self.leases.renew(beat.agent_id, list(beat.running_jobs))
 
     async def _register(self, envelope: Envelope) -> None:
         # A registration is self-signed: it proves possession of the key it carries.
@@ -289,12 +304,32 @@ class Coordinator:
             )
             if enrolled:
                 logger.info("agent %s enrolled with a one-time token", registration.agent_id)
+        await self.leases.renew(registration.agent_id, list(registration.running_jobs))
         approval = await asyncio.to_thread(self.store.approval, registration.agent_id)
         logger.info(
             "agent %s of site %s registered (%d cores, %d GPUs, %s)",
             registration.agent_id, registration.site, registration.cpu_cores,
             len(registration.gpus), approval,
         )
+
+    # --- leases -----------------------------------------------------------------
+
+    async def _lease(self, envelope: Envelope) -> None:
+        key = await self._agent_key(envelope.key_id)
+        payload = verify_envelope(envelope, {envelope.key_id: key})
+        event = parse_payload(payload, LeaseEvent)
+        _check_sender(envelope.key_id, event.agent_id)
+        await self.leases.handle(event)
+
+    async def _caught_up(self, session: AmqpSession) -> bool:
+        """Return whether no heartbeat or result waits to be read."""
+        for queue in (self.queues.records, self.queues.heartbeats):
+            worker = self._workers.get(queue)
+            if worker is not None and not worker.inbox.empty():
+                return False
+            if await session.queue_message_count(queue):
+                return False
+        return True
 
     # --- results ----------------------------------------------------------------
 
@@ -435,7 +470,13 @@ class Coordinator:
             return
         session.ack(delivery.delivery_tag)
 
-    async def _fail_job(self, session: AmqpSession, job: JobSpec, message: str) -> None:
+    async def _fail_job(
+        self,
+        session: AmqpSession,
+        job: JobSpec,
+        message: str,
+        code: ErrorCode = ErrorCode.UNSCHEDULABLE,
+    ) -> None:
         """Record and publish a failed result for a job that no agent will run."""
         logger.warning("job %s failed: %s", job.job_id, message)
         result = JobResult(
@@ -446,7 +487,7 @@ class Coordinator:
             queue=job.queue,
             submission_id=job.submission_id,
             status=FinalStatus.FAILED,
-            error=ErrorInfo(code=ErrorCode.UNSCHEDULABLE, message=message[:4000]),
+            error=ErrorInfo(code=code, message=message[:4000]),
             finished_at=utc_now(),
         )
         body = sign_model(result, self.key, COORDINATOR_ID)
@@ -535,8 +576,17 @@ def main(argv: list[str] | None = None) -> int:
         help="private key that signs the coordinator's own results; made on first "
         "start (default: the database path with .key appended)",
     )
+    parser.add_argument(
+        "--lease-expiry-limit",
+        type=int,
+        default=LEASE_EXPIRY_LIMIT,
+        help="lease expiries after which a job gets a failed result instead of being "
+        f"queued again (default {LEASE_EXPIRY_LIMIT})",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    if args.lease_expiry_limit < 1:
+        parser.error(f"--lease-expiry-limit {args.lease_expiry_limit} must be 1 or more")
     configure_logging(args.log_level)
     try:
         args.db.parent.mkdir(parents=True, exist_ok=True)
@@ -547,7 +597,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     async def serve() -> None:
-        coordinator = Coordinator(args.broker, store, key=key)
+        coordinator = Coordinator(
+            args.broker, store, key=key, lease_expiry_limit=args.lease_expiry_limit
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, coordinator.stopping.set)

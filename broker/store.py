@@ -70,6 +70,21 @@ CREATE TABLE IF NOT EXISTS result_audit (
     received_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
 CREATE INDEX IF NOT EXISTS result_audit_job ON result_audit (job_id);
+CREATE TABLE IF NOT EXISTS leases (
+    job_id TEXT PRIMARY KEY,
+    -- The agent whose claim holds the job; NULL once the job is queued again.
+    agent_id TEXT,
+    -- held, released (by its agent, to be queued again now) or queued.
+    state TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    -- The exact signed job message, published again unchanged.
+    message BLOB NOT NULL,
+    ttl_s REAL NOT NULL,
+    -- Unix time on the coordinator's clock.
+    expires_at REAL NOT NULL,
+    -- How often the job's lease expired without a renewal.
+    expiries INTEGER NOT NULL DEFAULT 0
+);
 """
 
 
@@ -102,6 +117,37 @@ def fleet_state(
     if missed > STALE_AFTER_MISSED:
         return STALE
     return state
+
+
+@dataclass(frozen=True)
+class StoredLease:
+    job_id: str
+    agent_id: str | None
+    state: str
+    routing_key: str
+    message: bytes
+    ttl_s: float
+    expires_at: float
+    expiries: int
+
+
+HELD, RELEASED, QUEUED = "held", "released", "queued"
+LEASE_COLUMNS = (
+    "job_id, agent_id, state, routing_key, message, ttl_s, expires_at, expiries"
+)
+
+
+def _stored_lease(row: tuple[object, ...]) -> StoredLease:
+    return StoredLease(
+        job_id=str(row[0]),
+        agent_id=None if row[1] is None else str(row[1]),
+        state=str(row[2]),
+        routing_key=str(row[3]),
+        message=bytes(row[4]),  # type: ignore[arg-type]
+        ttl_s=float(row[5]),  # type: ignore[arg-type]
+        expires_at=float(row[6]),  # type: ignore[arg-type]
+        expiries=int(row[7]),  # type: ignore[call-overload]
+    )
 
 
 @dataclass(frozen=True)
@@ -351,6 +397,130 @@ class Store:
                 "SELECT COUNT(*) FROM result_audit WHERE job_id = ?", (job_id,)
             ).fetchone()
         return int(row[0])
+
+
+    # --- leases (see broker/leases.py) --------------------------------------------
+
+    def claim_lease(
+        self,
+        job_id: str,
+        agent_id: str,
+        routing_key: str,
+        message: bytes,
+        ttl_s: float,
+        now: float,
+    ) -> None:
+        """Store an agent's claim; a newer claim replaces the holder, not the expiries."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO leases (job_id, agent_id, state, routing_key, message,"
+                " ttl_s, expires_at) VALUES (?, ?, 'held', ?, ?, ?, ?)"
+                " ON CONFLICT (job_id) DO UPDATE SET agent_id = excluded.agent_id,"
+                " state = 'held', routing_key = excluded.routing_key,"
+                " message = excluded.message, ttl_s = excluded.ttl_s,"
+                " expires_at = excluded.expires_at",
+                (job_id, agent_id, routing_key, message, ttl_s, now + ttl_s),
+            )
+            self._db.commit()
+
+    def release_lease(
+        self, job_id: str, agent_id: str, routing_key: str, message: bytes, now: float
+    ) -> str:
+        """Mark a held lease released so the sweep queues its job now.
+
+        Returns "released", "not held" when another agent's claim or a re-queue
+        superseded it, or "finished" when the job has a result. A release of a
+        lease never stored is kept as released, so that the job is not lost.
+        """
+        with self._lock, self._db:
+            if self._db.execute(
+                "SELECT 1 FROM results WHERE job_id = ?", (job_id,)
+            ).fetchone():
+                return "finished"
+            cursor = self._db.execute(
+                "UPDATE leases SET state = 'released', expires_at = ?"
+                " WHERE job_id = ? AND agent_id = ? AND state = 'held'",
+                (now, job_id, agent_id),
+            )
+            if cursor.rowcount == 1:
+                return "released"
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO leases (job_id, agent_id, state, routing_key,"
+                " message, ttl_s, expires_at) VALUES (?, ?, 'released', ?, ?, 0, ?)",
+                (job_id, agent_id, routing_key, message, now),
+            )
+        return "released" if cursor.rowcount == 1 else "not held"
+
+    def renew_leases(self, agent_id: str, job_ids: list[str], now: float) -> int:
+        """Extend the held leases of `agent_id` on `job_ids` by their TTL from `now`."""
+        if not job_ids:
+            return 0
+        marks = ", ".join("?" for _ in job_ids)
+        with self._lock:
+            cursor = self._db.execute(
+                f"UPDATE leases SET expires_at = ? + ttl_s WHERE agent_id = ?"
+                f" AND state = 'held' AND job_id IN ({marks})",
+                (now, agent_id, *job_ids),
+            )
+            self._db.commit()
+        return cursor.rowcount
+
+    def extend_leases(self, now: float) -> int:
+        """Give every held lease at least its TTL from `now`.
+
+        The coordinator calls this when it connects, since it read no heartbeats
+        while it was away.
+        """
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE leases SET expires_at = MAX(expires_at, ? + ttl_s)"
+                " WHERE state = 'held'",
+                (now,),
+            )
+            self._db.commit()
+        return cursor.rowcount
+
+    def drop_finished_leases(self) -> int:
+        with self._lock:
+            cursor = self._db.execute(
+                "DELETE FROM leases WHERE job_id IN (SELECT job_id FROM results)"
+            )
+            self._db.commit()
+        return cursor.rowcount
+
+    def due_leases(self, now: float) -> list[StoredLease]:
+        """Return the leases that expired or were released by `now`, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {LEASE_COLUMNS} FROM leases WHERE state IN ('held', 'released')"
+                " AND expires_at <= ? ORDER BY expires_at",
+                (now,),
+            ).fetchall()
+        return [_stored_lease(row) for row in rows]
+
+    def lease(self, job_id: str) -> StoredLease | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {LEASE_COLUMNS} FROM leases WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
+        return _stored_lease(row) if row is not None else None
+
+    def mark_lease_queued(self, lease: StoredLease, expiries: int) -> bool:
+        """Record that the job of `lease` was queued again, unless a claim came since."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE leases SET state = 'queued', agent_id = NULL, expiries = ?"
+                " WHERE job_id = ? AND state = ? AND expires_at = ?",
+                (expiries, lease.job_id, lease.state, lease.expires_at),
+            )
+            self._db.commit()
+        return cursor.rowcount == 1
+
+    def drop_lease(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
+            self._db.commit()
 
 
 def _token_hash(token: str) -> str:

@@ -29,6 +29,7 @@ async def declare_topology(session: AmqpSession) -> None:
     await session.declare_queue(records, arguments=quorum)
     await session.bind(records, names.RESULTS_EXCHANGE, "result.#")
     await session.bind(records, names.EVENTS_EXCHANGE, "agent.registration.#")
+    await session.bind(records, names.EVENTS_EXCHANGE, "agent.lease.#")
     heartbeats = names.COORDINATOR_HEARTBEATS_QUEUE
     await session.declare_queue(heartbeats, arguments=quorum)
     await session.bind(heartbeats, names.EVENTS_EXCHANGE, "agent.heartbeat.#")

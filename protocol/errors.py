@@ -65,6 +65,8 @@ class ErrorCode(StrEnum):
     # The platform ended the job.
     CANCELLED = "cancelled"
     DELIVERY_LIMIT = "delivery_limit"
+    # The agents that claimed the job stopped renewing its lease too many times.
+    LEASE_EXPIRED = "lease_expired"
     OUTPUT_TOO_LARGE = "output_too_large"
     # Anything else: a bug in fairu, reported instead of losing the job.
     INTERNAL_ERROR = "internal_error"

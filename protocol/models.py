@@ -194,6 +194,11 @@ class CancelRequest(Model):
 
 # --- Events and results ----------------------------------------------------------
 
+# The largest signed lease event the coordinator reads. Its job message is base64
+# inside a payload that is base64 again, so this fits job messages up to about 2 MiB.
+MAX_LEASE_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_LEASED_MESSAGE_CHARS = MAX_LEASE_MESSAGE_BYTES * 3 // 4
+
 
 class JobState(StrEnum):
     RECEIVED = "received"
@@ -221,6 +226,31 @@ class StatusEvent(Model):
     state: JobState
     at: AwareDatetime
     detail: Annotated[str, StringConstraints(max_length=1024)] = ""
+
+
+class LeaseAction(StrEnum):
+    CLAIM = "claim"
+    RELEASE = "release"
+
+
+class LeaseEvent(Model):
+    """An agent's claim on a job whose delivery it acks, or the release of that claim.
+
+    `job_message` is the base64 of the exact signed job message, and `routing_key`
+    its key on `fairu.jobs`, so the coordinator can queue the job again unchanged.
+    The coordinator counts `ttl_s` from when it reads the claim or a heartbeat that
+    lists the job, on its own clock.
+    """
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["lease"] = "lease"
+    action: LeaseAction
+    agent_id: Identifier
+    job_id: Identifier
+    routing_key: Annotated[str, StringConstraints(max_length=255)]
+    job_message: Annotated[str, StringConstraints(max_length=MAX_LEASED_MESSAGE_CHARS)]
+    ttl_s: Annotated[float, Field(gt=0, le=86400)]
+    at: AwareDatetime
 
 
 class ErrorInfo(Model):

@@ -15,8 +15,9 @@ DEAD_LETTER_EXCHANGE = "fairu.dlx"  # fanout
 TRUST_EXCHANGE = "fairu.trust"
 TRUST_STREAM = "fairu.trust.log"
 DEAD_LETTER_QUEUE = "fairu.dead"
-# Registrations and results share one queue, so the coordinator reads an agent's
-# registration before that agent's results; heartbeats have a queue of their own.
+# Registrations, leases and results share one queue, so the coordinator reads an
+# agent's registration before that agent's claims and results; heartbeats have a
+# queue of their own.
 COORDINATOR_RECORDS_QUEUE = "fairu.coordinator.records"
 COORDINATOR_HEARTBEATS_QUEUE = "fairu.coordinator.heartbeats"
 # The coordinator's copy of dead-lettered messages: it ends jobs that no agent can
@@ -82,3 +83,7 @@ def registration_routing_key(agent_id: str) -> str:
 
 def heartbeat_routing_key(agent_id: str) -> str:
     return f"agent.heartbeat.{agent_id}"
+
+
+def lease_routing_key(agent_id: str) -> str:
+    return f"agent.lease.{agent_id}"

@@ -279,12 +279,16 @@ def start_agent(
         slots: int = 1,
         stop_grace_s: float = 10,
         heartbeat_interval_s: float = 2,
+        lease_ttl_s: float = 12,
         trust: str | None = None,
         agent_extra: str = "",
         extra: str = "",
         broker_url: str | None = None,
     ) -> AgentProcess:
-        """Start an agent; `trust` replaces the [trust] body, `extra` adds sections."""
+        """Start an agent; `trust` replaces the [trust] body, `extra` adds sections.
+
+        The lease TTL is short, so that a killed agent's job is queued again soon.
+        """
         folder = work_root / f"agent-{uuid.uuid4().hex[:8]}"
         folder.mkdir()
         folder.chmod(0o755)
@@ -301,6 +305,7 @@ url = "{broker_url or default_broker_url}"
 state_dir = "state"
 slots = {slots}
 heartbeat_interval_s = {heartbeat_interval_s}
+lease_ttl_s = {lease_ttl_s}
 stop_grace_s = {stop_grace_s}
 {agent_extra}
 [[queues]]

@@ -92,6 +92,7 @@ async def isolated(amqp):
     await amqp.bind(queues.dead_letters, dead_letter_exchange, "")
     await amqp.bind(queues.records, RESULTS_EXCHANGE, "result.#")
     await amqp.bind(queues.records, EVENTS_EXCHANGE, "agent.registration.#")
+    await amqp.bind(queues.records, EVENTS_EXCHANGE, "agent.lease.#")
     await amqp.bind(queues.heartbeats, EVENTS_EXCHANGE, "agent.heartbeat.#")
 
     await amqp.declare_queue(

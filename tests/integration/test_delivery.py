@@ -79,29 +79,6 @@ async def test_cancel_running_job(
     assert (await results.wait(after.job_id)).status is FinalStatus.SUCCEEDED
 
 
-async def test_drain_hands_back_unfinished_job(
-    competition, start_agent, signing_key, publish, results, make_job
-):
-    first = start_agent(competition, stop_grace_s=1)
-    job = sleeping_job(make_job, competition, 20)
-    await publish(competition, signing_key.sign(job))
-    await wait_for_log(first, "started container")
-
-    drained = subprocess.run(
-        [sys.executable, "-m", "fairu.agent.cli", "drain", "--config", str(first.config_path),
-         "--wait", "30"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert drained.returncode == 0, drained.stderr
-    assert "agent stopped" in drained.stdout
-    assert f"handing job {job.job_id} back" in first.log()
-
-    start_agent(competition)
-    result = await results.wait(job.job_id, timeout_s=120)
-    assert result.status is FinalStatus.SUCCEEDED
-    assert len(results.results[job.job_id]) == 1
-
-
 async def test_drain_lets_short_job_finish(
     competition, start_agent, signing_key, publish, results, make_job
 ):

@@ -1,0 +1,325 @@
+"""Ack on claim and job leases against private broker nodes, agents and rootless podman.
+
+A job's delivery is acked once its claim is confirmed, so the broker's
+consumer_timeout never closes the channel of an agent that runs a long job. The
+coordinator queues a job again when its lease expires or its agent releases it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import pytest
+
+from fairu.agent.session import AmqpSession, Delivery
+from fairu.protocol.models import (
+    JobState,
+    LeaseAction,
+    LeaseEvent,
+    Registration,
+    StatusEvent,
+    utc_now,
+)
+from fairu.protocol.signing import (
+    agent_id_for,
+    generate_private_key,
+    open_unverified,
+    public_key_text,
+    sign_model,
+)
+from fairu.protocol.topology import (
+    EVENTS_EXCHANGE,
+    job_routing_key,
+    lease_routing_key,
+    registration_routing_key,
+)
+
+from .test_faults import recorded_once, sleeping_command, started_line, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.podman]
+
+# RabbitMQ 3.10 checks consumer_timeout on each channel tick, every
+# channel_tick_interval (60000 ms by default), so an unacked delivery loses its
+# channel between 5 s and about 65 s after it arrived.
+SHORT_CONSUMER_TIMEOUT = ["consumer_timeout = 5000"]
+# Longer than the consumer timeout plus one full channel tick, with a margin.
+LONG_JOB_S = 75
+
+
+async def watch_status(url: str, job_id: str) -> tuple[AmqpSession, list[StatusEvent]]:
+    """Collect the status events of one job on a node."""
+    session = AmqpSession(url, name="fairu-tests status watcher")
+    await session.open()
+    events: list[StatusEvent] = []
+    queue = await session.declare_queue("", durable=False, exclusive=True, auto_delete=True)
+    await session.bind(queue, EVENTS_EXCHANGE, f"status.{job_id}")
+
+    def on_delivery(delivery: Delivery) -> None:
+        session.ack(delivery.delivery_tag)
+        events.append(open_unverified(delivery.body, StatusEvent))
+
+    await session.consume(queue, on_delivery)
+    return session, events
+
+
+async def hold_unacked(url: str) -> tuple[AmqpSession, str]:
+    """Consume one message from a fresh queue and never ack it."""
+    session = AmqpSession(url, name="fairu-tests unacked consumer")
+    await session.open()
+    queue = f"fairu-tests.unacked-{uuid.uuid4().hex[:8]}"
+    await session.declare_queue(queue, arguments={"x-queue-type": "quorum"})
+    await session.publish("", queue, b"held without an ack")
+    received = asyncio.Event()
+    await session.consume(queue, lambda _delivery: received.set())
+    await asyncio.wait_for(received.wait(), 30)
+    return session, queue
+
+
+@pytest.mark.parametrize("private_broker", [SHORT_CONSUMER_TIMEOUT], indirect=True)
+async def test_job_outlives_consumer_timeout(
+    private_broker,
+    private_coordinator,
+    private_competition,
+    start_private_agent,
+    private_publish,
+    make_job,
+    signing_key,
+):
+    agent = await asyncio.to_thread(start_private_agent, private_competition)
+    job = make_job(private_competition, command=sleeping_command(LONG_JOB_S))
+    watcher, events = await watch_status(private_broker.url, job.job_id)
+    control, control_queue = await hold_unacked(private_broker.url)
+    try:
+        await private_publish(private_competition, signing_key.sign(job))
+
+        # Without a lease, a delivery held this long loses its channel.
+        assert control.closed is not None
+        reason = await asyncio.wait_for(asyncio.shield(control.closed), 150)
+        assert "PRECONDITION_FAILED" in reason
+        assert "timed out" in reason
+        ready, unacked = await asyncio.to_thread(
+            private_broker.queue_counts, control_queue
+        )
+        assert (ready, unacked) == (1, 0)
+
+        stored = await recorded_once(
+            private_coordinator, private_broker, private_competition, job.job_id,
+            timeout_s=LONG_JOB_S + 120,
+        )
+    finally:
+        await watcher.close()
+        await control.close()
+
+    assert stored.status == "succeeded"
+    assert stored.agent_id == agent.agent_id
+    assert private_coordinator.store.audit_count(job.job_id) == 0
+    log = agent.log()
+    assert log.count(started_line(job.job_id)) == 1
+    assert [event.state for event in events].count(JobState.RUNNING) == 1
+    # The agent kept its one session: the broker closed no channel of it.
+    assert log.count("serving 1 queues") == 1
+    assert "PRECONDITION_FAILED" not in log
+    assert "reconnect attempt" not in log
+    assert f"claimed job {job.job_id}" in log
+
+
+async def test_drain_releases_claimed_job(
+    private_broker,
+    private_coordinator,
+    private_competition,
+    start_private_agent,
+    private_publish,
+    make_job,
+    signing_key,
+):
+    first = await asyncio.to_thread(
+        start_private_agent, private_competition, stop_grace_s=1
+    )
+    job = make_job(private_competition, command=sleeping_command(20))
+    await private_publish(private_competition, signing_key.sign(job))
+    await wait_for(lambda: started_line(job.job_id) in first.log(), 120, "the first run")
+
+    drained = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "fairu.agent.cli", "drain", "--config",
+         str(first.config_path), "--wait", "30"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert drained.returncode == 0, drained.stderr
+    log = first.log()
+    assert f"handing job {job.job_id} back" in log
+    assert f"released job {job.job_id} to be queued again" in log
+    # The release, not a lease expiry, queued the job again.
+    assert private_coordinator.store.lease(job.job_id).expiries == 0
+
+    second = await asyncio.to_thread(start_private_agent, private_competition)
+    stored = await recorded_once(
+        private_coordinator, private_broker, private_competition, job.job_id
+    )
+    assert stored.status == "succeeded"
+    assert stored.agent_id == second.agent_id
+    assert private_coordinator.store.audit_count(job.job_id) == 0
+    assert second.log().count(started_line(job.job_id)) == 1
+
+
+async def test_second_sigint_releases_claimed_job(
+    private_broker,
+    private_coordinator,
+    private_competition,
+    start_private_agent,
+    private_publish,
+    make_job,
+    signing_key,
+):
+    first = await asyncio.to_thread(
+        start_private_agent, private_competition, stop_grace_s=600
+    )
+    job = make_job(private_competition, command=sleeping_command(30))
+    await private_publish(private_competition, signing_key.sign(job))
+    await wait_for(lambda: started_line(job.job_id) in first.log(), 120, "the first run")
+
+    assert first.process is not None
+    first.process.send_signal(2)
+    await wait_for(lambda: "waiting up to 600 s" in first.log(), 30, "the drain")
+    first.process.send_signal(2)
+    assert await asyncio.to_thread(first.process.wait, 60) == 0
+    assert f"released job {job.job_id} to be queued again" in first.log()
+
+    second = await asyncio.to_thread(start_private_agent, private_competition)
+    stored = await recorded_once(
+        private_coordinator, private_broker, private_competition, job.job_id
+    )
+    assert stored.agent_id == second.agent_id
+    assert stored.status == "succeeded"
+    assert private_coordinator.store.audit_count(job.job_id) == 0
+
+
+class ClaimingClient:
+    """A registered agent identity that claims jobs and never renews their leases."""
+
+    def __init__(self, session: AmqpSession, competition: Any) -> None:
+        self.session = session
+        self.key = generate_private_key()
+        self.agent_id = agent_id_for("test", self.key.public_key())
+        self.competition = competition
+        self.deliveries: list[Delivery] = []
+
+    async def register(self) -> None:
+        registration = Registration(
+            agent_id=self.agent_id,
+            site="test",
+            version="test",
+            public_key=public_key_text(self.key.public_key()),
+            cpu_cores=1,
+            memory_bytes=1 << 30,
+            queues=[self.competition.amqp_queue],
+            slots=1,
+            free_slots=1,
+            at=utc_now(),
+        )
+        await self.session.publish(
+            EVENTS_EXCHANGE,
+            registration_routing_key(self.agent_id),
+            sign_model(registration, self.key, self.agent_id),
+        )
+
+    async def claim(self, delivery: Delivery, job_id: str) -> None:
+        event = LeaseEvent(
+            action=LeaseAction.CLAIM,
+            agent_id=self.agent_id,
+            job_id=job_id,
+            routing_key=job_routing_key(self.competition.name, self.competition.queue),
+            job_message=base64.b64encode(delivery.body).decode(),
+            ttl_s=1,
+            at=utc_now(),
+        )
+        await self.session.publish(
+            EVENTS_EXCHANGE,
+            lease_routing_key(self.agent_id),
+            sign_model(event, self.key, self.agent_id),
+            mandatory=True,
+        )
+        self.session.ack(delivery.delivery_tag)
+
+
+async def test_lease_expiry_limit_fails_job(
+    private_broker, private_coordinator, private_competition, make_job, signing_key,
+    private_publish,
+):
+    session = AmqpSession(private_broker.url, name="fairu-tests claiming client")
+    await session.open()
+    client = ClaimingClient(session, private_competition)
+    await client.register()
+    job = make_job(private_competition)
+    body = signing_key.sign(job)
+    claims: list[asyncio.Task[None]] = []
+
+    def on_delivery(delivery: Delivery) -> None:
+        client.deliveries.append(delivery)
+        claims.append(asyncio.create_task(client.claim(delivery, job.job_id)))
+
+    try:
+        await session.consume(private_competition.amqp_queue, on_delivery)
+        await private_publish(private_competition, body)
+        stored = await wait_for(
+            lambda: private_coordinator.store.result(job.job_id), 60, "the failed result"
+        )
+        await asyncio.gather(*claims)
+    finally:
+        await session.close()
+
+    assert stored.status == "failed"
+    assert stored.agent_id == "fairu-coordinator"
+    # The coordinator queued the exact message again after each of the first two
+    # expiries and ended the job at the third.
+    assert len(client.deliveries) == 3
+    assert all(delivery.body == body for delivery in client.deliveries)
+    counts = [
+        (delivery.properties.headers or {}).get("x-fairu-lease-expiries")
+        for delivery in client.deliveries
+    ]
+    assert counts == [None, 1, 2]
+    assert private_coordinator.store.lease(job.job_id) is None
+
+
+async def test_unroutable_claim_runs_unacked(
+    private_broker,
+    private_coordinator,
+    private_competition,
+    start_private_agent,
+    private_publish,
+    make_job,
+    signing_key,
+):
+    agent = await asyncio.to_thread(
+        start_private_agent, private_competition, runner="null"
+    )
+    # After the agent has started, the coordinator has declared the topology, so it
+    # does not bind the lease routing key again.
+    session = AmqpSession(private_broker.url, name="fairu-tests unbind")
+    await session.open()
+    unbound = asyncio.get_running_loop().create_future()
+    session.channel.queue_unbind(
+        queue="fairu.coordinator.records",
+        exchange=EVENTS_EXCHANGE,
+        routing_key="agent.lease.#",
+        callback=unbound.set_result,
+    )
+    await asyncio.wait_for(unbound, 10)
+    await session.close()
+    job = make_job(private_competition)
+
+    await private_publish(private_competition, signing_key.sign(job))
+
+    stored = await recorded_once(
+        private_coordinator, private_broker, private_competition, job.job_id
+    )
+    assert stored.status == "succeeded"
+    assert f"could not claim job {job.job_id}" in agent.log()
+    assert "running it with its delivery unacked" in agent.log()
+    assert f"claimed job {job.job_id}" not in agent.log()
