@@ -17,7 +17,7 @@ import pika
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from fairu.protocol.errors import ConfigError
-from fairu.protocol.models import Name
+from fairu.protocol.models import MAX_ARTIFACT_BYTES, Name
 from fairu.protocol.signing import (
     DEFAULT_MAX_MESSAGE_BYTES,
     describe_validation,
@@ -121,6 +121,11 @@ class AgentSection(Section):
     stop_grace_s: Annotated[float, Field(ge=0, le=7 * 24 * 3600)] = 30.0
     max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = (
         DEFAULT_MAX_MESSAGE_BYTES
+    )
+    # Most bytes of the files a job's `artifacts` names, all together, returned in
+    # its result; a job over it fails with artifacts_too_large.
+    max_artifact_bytes: Annotated[int, Field(ge=0, le=MAX_ARTIFACT_BYTES)] = (
+        MAX_ARTIFACT_BYTES
     )
     # Clock skew tolerated when checking created_at and expires_at.
     clock_skew_s: Annotated[float, Field(ge=0, le=3600)] = 60.0

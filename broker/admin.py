@@ -63,7 +63,8 @@ from .client import (
     format_evaluations,
     format_scores,
 )
-from .jobfile import load_evaluation_file, load_job_file, parse_duration
+from .evaluation_file import load_evaluation_file
+from .jobfile import load_job_file, parse_duration
 from .keys import KeyFolder
 from .scheduling import AgentOffer
 from .sites import add_site_commands

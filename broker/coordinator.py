@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import random
 import signal
 import sqlite3
@@ -21,6 +22,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -76,6 +78,9 @@ from .scheduling import (
 from .store import Store
 from .topology import declare_topology
 
+if TYPE_CHECKING:
+    from .evaluations import Evaluations
+
 logger = logging.getLogger(__name__)
 
 PREFETCH = 256
@@ -84,6 +89,8 @@ LIVENESS_INTERVAL_S = 1.0
 # Dead-letter reason of a quorum queue message past x-delivery-limit (RabbitMQ 3.10).
 DELIVERY_LIMIT_REASON = "delivery_limit"
 PLATFORM_SITE = "platform"
+# A result may carry up to 8 MiB of artifacts, base64-encoded twice in its envelope.
+MAX_RECORD_BYTES = 24 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -105,8 +112,10 @@ class Coordinator:
         queues: CoordinatorQueues = CoordinatorQueues(),
         key: Ed25519PrivateKey | None = None,
         requeue_delay: Callable[[int], float] = requeue_delay_s,
+        evaluations: Evaluations | None = None,
     ) -> None:
-        """`key` signs the coordinator's own results; None makes a key for this run."""
+        """`key` signs the coordinator's own results; None makes a key for this run.
+        `evaluations`, when given, is told of every recorded result."""
         self.broker_url = broker_url
         self.store = store
         self.queues = queues
@@ -115,15 +124,20 @@ class Coordinator:
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._workers: dict[str, _Worker] = {}
+        self.evaluations = evaluations
 
     async def run(self) -> None:
         logger.info("coordinator starting with database %s", self.store.path)
         liveness = asyncio.create_task(self._watch_liveness())
+        if self.evaluations is not None:
+            await self.evaluations.start()
         try:
             await self._serve_until_stopped()
         finally:
             liveness.cancel()
             await asyncio.gather(liveness, return_exceptions=True)
+            if self.evaluations is not None:
+                await self.evaluations.close()
         logger.info("coordinator stopped")
 
     async def _serve_until_stopped(self) -> None:
@@ -231,7 +245,7 @@ class Coordinator:
     # --- agent events -----------------------------------------------------------
 
     async def handle_message(self, body: bytes) -> None:
-        envelope = decode_envelope(body)
+        envelope = decode_envelope(body, MAX_RECORD_BYTES)
         kind = _peek_kind(envelope.payload)
         if kind == "registration":
             await self._register(envelope)
@@ -336,6 +350,7 @@ class Coordinator:
                 "recorded result of job %s from agent %s: %s", result.job_id, result.agent_id,
                 status,
             )
+            await self._notify_evaluations(result, body)
         else:
             await asyncio.to_thread(
                 self.store.audit_result, result.job_id, result.agent_id, status,
@@ -345,6 +360,13 @@ class Coordinator:
                 "duplicate result of job %s from agent %s kept for audit",
                 result.job_id, result.agent_id,
             )
+            # The first copy may have been recorded just before a crash, before its
+            # evaluation saw it; an attempt that already ended ignores the repeat.
+            await self._notify_evaluations(result, body)
+
+    async def _notify_evaluations(self, result: JobResult, body: bytes) -> None:
+        if self.evaluations is not None:
+            await self.evaluations.on_result(result, body)
 
     async def _agent_key(self, agent_id: str) -> Ed25519PublicKey:
         text = await asyncio.to_thread(self.store.agent_key, agent_id)
@@ -460,6 +482,7 @@ class Coordinator:
                 job.job_id,
             )
             return
+        await self._notify_evaluations(result, body)
         await session.publish(RESULTS_EXCHANGE, result_routing_key(job.job_id), body)
 
 
@@ -535,6 +558,26 @@ def main(argv: list[str] | None = None) -> int:
         help="private key that signs the coordinator's own results; made on first "
         "start (default: the database path with .key appended)",
     )
+    parser.add_argument(
+        "--keys-dir",
+        type=Path,
+        help="key folder with a certified job-signing key, root.pub and revocations, "
+        "laid out as `fairu-admin keys` writes it; turns on sharded evaluations",
+    )
+    parser.add_argument(
+        "--passphrase-env", metavar="VAR", help="variable holding the --keys-dir passphrase"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="folder for evaluation artifacts (default: the database path with "
+        ".evaluations appended)",
+    )
+    parser.add_argument(
+        "--public-url",
+        help="base URL of this coordinator's HTTP API as agents reach it, such as "
+        "http://coordinator.example:8480; needed for scoring programs",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
@@ -545,9 +588,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ConfigError, sqlite3.Error) as exc:
         print(f"fairu-coordinator: error: cannot open database {args.db}: {exc}", file=sys.stderr)
         return 2
+    try:
+        evaluations = _make_evaluations(args, store)
+    except (OSError, ConfigError, sqlite3.Error) as exc:
+        print(f"fairu-coordinator: error: {exc}", file=sys.stderr)
+        store.close()
+        return 2
 
     async def serve() -> None:
-        coordinator = Coordinator(args.broker, store, key=key)
+        coordinator = Coordinator(args.broker, store, key=key, evaluations=evaluations)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, coordinator.stopping.set)
@@ -561,6 +610,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         store.close()
     return 0
+
+
+def _make_evaluations(args: argparse.Namespace, store: Store) -> Evaluations | None:
+    from .evaluations import CoordinatorKeys, Evaluations
+
+    if args.keys_dir is None:
+        return None
+    passphrase = None
+    if args.passphrase_env:
+        value = os.environ.get(args.passphrase_env)
+        if value is None:
+            raise ConfigError(f"--passphrase-env names {args.passphrase_env}, which is not set")
+        passphrase = value.encode()
+    keys = CoordinatorKeys(args.keys_dir, passphrase)
+    keys.check()
+    data_dir = args.data_dir or args.db.with_name(args.db.name + ".evaluations")
+    return Evaluations(args.broker, store, data_dir, keys, public_base_url=args.public_url)
 
 
 def _load_or_make_key(path: Path) -> Ed25519PrivateKey:

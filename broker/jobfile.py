@@ -19,7 +19,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from fairu.protocol.errors import ConfigError
-from fairu.protocol.evaluation import EvaluationRequest
 from fairu.protocol.models import JobSpec, utc_now
 from fairu.protocol.signing import describe_validation
 from fairu.protocol.topology import CPU_CLASS, class_needs_gpu
@@ -41,58 +40,22 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def _read_toml(path: Path, kind: str) -> dict[str, Any]:
+def load_job_file(path: Path, job_id: str | None = None) -> JobSpec:
     try:
-        return tomllib.loads(path.read_text())
+        raw: dict[str, Any] = tomllib.loads(path.read_text())
     except OSError as exc:
-        raise ConfigError(f"cannot read {kind} file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{kind} file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"job file {path} is not valid TOML: {exc}") from None
 
-
-def _fill_in(
-    raw: dict[str, Any], path: Path, kind: str, id_field: str, given_id: str | None
-) -> None:
-    """Set the id, the validity window and the inputs' digests of a signed request."""
     expires_in = parse_duration(str(raw.pop("expires_in", "1h")))
     created = utc_now()
-    prefix = "job" if kind == "job" else "eval"
-    raw.setdefault(id_field, given_id or f"{prefix}-{uuid.uuid4().hex[:16]}")
-    if given_id:
-        raw[id_field] = given_id
+    raw.setdefault("job_id", job_id or f"job-{uuid.uuid4().hex[:16]}")
+    if job_id:
+        raw["job_id"] = job_id
     raw["created_at"] = created
     raw["expires_at"] = created + expires_in
-    raw["inputs"] = _complete_inputs(raw.get("inputs", []), path, kind, "[[inputs]]")
-
-
-def _complete_inputs(inputs: Any, path: Path, kind: str, table: str) -> list[dict[str, Any]]:
-    if not isinstance(inputs, list) or not all(isinstance(item, dict) for item in inputs):
-        raise ConfigError(f"invalid {kind} file {path}: write each input as an {table} table")
-    return [_complete_input(item, path.parent) for item in inputs]
-
-
-def load_evaluation_file(
-    path: Path, evaluation_id: str | None = None
-) -> EvaluationRequest:
-    """Read an evaluation request; fields are filled in as for a job file."""
-    raw = _read_toml(path, "evaluation")
-    _fill_in(raw, path, "evaluation", "evaluation_id", evaluation_id)
-    program = raw.get("scoring_program")
-    if isinstance(program, dict):
-        program["inputs"] = _complete_inputs(
-            program.get("inputs", []), path, "evaluation", "[[scoring_program.inputs]]"
-        )
-    try:
-        return EvaluationRequest.model_validate(raw, strict=False)
-    except ValidationError as exc:
-        raise ConfigError(
-            f"invalid evaluation file {path}: {describe_validation(exc)}"
-        ) from None
-
-
-def load_job_file(path: Path, job_id: str | None = None) -> JobSpec:
-    raw = _read_toml(path, "job")
-    _fill_in(raw, path, "job", "job_id", job_id)
+    raw["inputs"] = complete_inputs(raw.get("inputs", []), path)
     try:
         # The file is trusted organizer input, so lax mode lets TOML ints stand
         # for floats and dates; the agent parses the signed JSON strictly.
@@ -116,6 +79,13 @@ def _check_resource_class(job: JobSpec, path: Path) -> None:
             f"job file {path} names GPU resource class {job.queue!r} but requests no "
             f"GPU; set resources.gpus or use queue \"{CPU_CLASS}\""
         )
+
+
+def complete_inputs(inputs: object, path: Path) -> list[dict[str, Any]]:
+    """Fill in sha256 and size of the inputs of the file at `path` that name a `file`."""
+    if not isinstance(inputs, list) or not all(isinstance(item, dict) for item in inputs):
+        raise ConfigError(f"invalid file {path}: write each input as an [[inputs]] table")
+    return [_complete_input(item, path.parent) for item in inputs]
 
 
 def _complete_input(item: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -62,6 +62,8 @@ class ErrorCode(StrEnum):
     # Outputs.
     MISSING_SCORES = "missing_scores"
     BAD_SCORES = "bad_scores"
+    MISSING_ARTIFACT = "missing_artifact"
+    ARTIFACTS_TOO_LARGE = "artifacts_too_large"
     # The platform ended the job.
     CANCELLED = "cancelled"
     DELIVERY_LIMIT = "delivery_limit"

@@ -1,9 +1,8 @@
 """`fairu-admin evaluate` and `evaluations`: the progress display, the tables and
-the evaluation file, without a coordinator."""
+the client's URL and connection errors, without a coordinator."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import socket
 from datetime import UTC, datetime
@@ -20,7 +19,6 @@ from fairu.broker.client import (
     progress_line,
     render_progress,
 )
-from fairu.broker.jobfile import load_evaluation_file
 from fairu.protocol.errors import ConfigError
 from fairu.protocol.evaluation import (
     EvaluationState,
@@ -176,51 +174,6 @@ def test_evaluations_list_table():
     assert lines[1].split()[:4] == ["eval-1", "sample", "running", "1/4"]
     assert lines[2].split()[-1] == "coverage=0.7"
     assert format_evaluations([]) == "no evaluations"
-
-
-EVALUATION_TOML = """
-competition = "higgsml-demo"
-queue = "cpu"
-submission_id = "sample"
-image = "localhost/fairu-python:1"
-command = ["python3", "/inputs/ingestion_program/ingestion.py", "--first-set", "{first_set}"]
-num_sets = 2
-experiments_per_set = 10
-shard_size = 5
-base_seed = 7
-mu_true = [1, 1.5]
-expires_in = "2h"
-
-[[inputs]]
-name = "program"
-url = "http://127.0.0.1:8470/program.tar.gz"
-file = "program.tar.gz"
-mount = "ingestion_program"
-unpack = "tar"
-"""
-
-
-def test_evaluation_file_filled_in(tmp_path):
-    (tmp_path / "program.tar.gz").write_bytes(b"bundle")
-    path = tmp_path / "evaluation.toml"
-    path.write_text(EVALUATION_TOML)
-    request = load_evaluation_file(path)
-    assert request.evaluation_id.startswith("eval-")
-    assert request.mu_true == [1.0, 1.5]
-    assert (request.expires_at - request.created_at).total_seconds() == 7200
-    assert request.inputs[0].size == 6
-    assert request.inputs[0].sha256 == hashlib.sha256(b"bundle").hexdigest()
-    assert load_evaluation_file(path, "eval-given").evaluation_id == "eval-given"
-
-
-def test_evaluation_file_invalid(tmp_path):
-    path = tmp_path / "evaluation.toml"
-    path.write_text(EVALUATION_TOML.replace("num_sets = 2", "num_sets = 0").replace(
-        'file = "program.tar.gz"\n', 'sha256 = "' + "0" * 64 + '"\nsize = 1\n'))
-    with pytest.raises(ConfigError, match=r"invalid evaluation file .*num_sets"):
-        load_evaluation_file(path)
-    with pytest.raises(ConfigError, match="cannot read evaluation file"):
-        load_evaluation_file(tmp_path / "missing.toml")
 
 
 @pytest.mark.parametrize(
