@@ -159,13 +159,16 @@ def scoring_job_id(evaluation_id: str, attempt: int) -> str:
     return f"{evaluation_id}.score.a{attempt}"
 
 
-def fill_placeholders(words: Sequence[str], shard: Rectangle, base_seed: int) -> list[str]:
+def fill_placeholders(
+    words: Sequence[str], shard: Rectangle, base_seed: int, attempt: int = 1
+) -> list[str]:
     values = {
         "{first_set}": shard.first_set,
         "{sets}": shard.sets,
         "{first_experiment}": shard.first_experiment,
         "{experiments}": shard.experiments,
         "{base_seed}": base_seed,
+        "{attempt}": attempt,
     }
     filled = []
     for word in words:
@@ -598,7 +601,9 @@ class Evaluations:
             queue=request.queue,
             submission_id=request.submission_id,
             image=request.image,
-            command=fill_placeholders(request.command, _rectangle(shard), request.base_seed),
+            command=fill_placeholders(
+                request.command, _rectangle(shard), request.base_seed, attempt
+            ),
             env=dict(request.env),
             inputs=list(request.inputs),
             resources=request.resources,
