@@ -69,24 +69,25 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class EvaluationService(Protocol):
-    """What the API needs from the coordinator's evaluations (`Evaluations`).
+    """The part of the coordinator's `Evaluations` that the API calls.
 
-    The synchronous methods read SQLite, so the API calls them in a thread.
+    `artifact_path` blocks on SQLite and the file system, so the API calls it in a
+    thread; the coroutines do their own blocking work in threads.
     """
 
     async def submit(self, body: bytes) -> EvaluationStatus: ...
 
-    def status(self, evaluation_id: str) -> EvaluationStatus | None: ...
+    async def status(self, evaluation_id: str) -> EvaluationStatus | None: ...
 
-    def list(self) -> list[EvaluationSummary]: ...
+    async def list(self) -> list[EvaluationSummary]: ...
 
     def artifact_path(self, evaluation_id: str, name: str) -> Path | None: ...
 
-    async def cancel(self, evaluation_id: str) -> object: ...
+    async def cancel(self, evaluation_id: str) -> EvaluationStatus | None: ...
 
 
 STORE_KEY = web.AppKey("store", Store)
-EVALUATIONS_KEY = web.AppKey("evaluations", EvaluationService)
+EVALUATIONS_KEY: web.AppKey[EvaluationService | None] = web.AppKey("evaluations")
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 LOOPBACK_ONLY_KEY = web.AppKey("loopback_only", bool)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
@@ -104,12 +105,16 @@ class ApiError(Exception):
 
 def make_app(
     store: Store,
-    evaluations: EvaluationService,
+    evaluations: EvaluationService | None,
     *,
     max_body_bytes: int = MAX_BODY_BYTES,
     loopback_only: bool = True,
 ) -> web.Application:
-    """Build the API application; `loopback_only` rejects non-loopback Host headers."""
+    """Build the API application; `loopback_only` rejects non-loopback Host headers.
+
+    With `evaluations` None, the evaluation endpoints answer 503 and the fleet is
+    still served.
+    """
     # aiohttp's own cap is set one byte above ours, so `_read_body` answers first.
     app = web.Application(
         client_max_size=max_body_bytes + 1, middlewares=[_errors, _guard_origin]
@@ -275,9 +280,20 @@ async def _openapi(request: web.Request) -> web.Response:
 # --- evaluations ------------------------------------------------------------------
 
 
-async def _submit(request: web.Request) -> web.Response:
-    body = await _read_body(request)
+def _evaluations(request: web.Request) -> EvaluationService:
     evaluations = request.app[EVALUATIONS_KEY]
+    if evaluations is None:
+        raise ApiError(
+            503, "evaluations_disabled",
+            "this coordinator runs no evaluations; start fairu-coordinator with "
+            "--keys-dir naming a folder with a certified job-signing key",
+        )
+    return evaluations
+
+
+async def _submit(request: web.Request) -> web.Response:
+    evaluations = _evaluations(request)
+    body = await _read_body(request)
     try:
         status = await evaluations.submit(body)
     except RejectedError as exc:
@@ -296,6 +312,9 @@ def _rejection_status(code: ErrorCode) -> int:
         return 409
     if code is ErrorCode.MESSAGE_TOO_LARGE:
         return 413
+    if code is ErrorCode.INTERNAL_ERROR:
+        # The broker or the coordinator's key folder failed, not the request.
+        return 503
     return 400
 
 
@@ -326,7 +345,7 @@ async def _read_body(request: web.Request) -> bytes:
 
 
 async def _list_evaluations(request: web.Request) -> web.Response:
-    summaries = await asyncio.to_thread(request.app[EVALUATIONS_KEY].list)
+    summaries = await _evaluations(request).list()
     return web.json_response([summary.model_dump(mode="json") for summary in summaries])
 
 
@@ -336,27 +355,30 @@ async def _show_evaluation(request: web.Request) -> web.Response:
 
 
 async def _cancel_evaluation(request: web.Request) -> web.Response:
-    evaluations = request.app[EVALUATIONS_KEY]
     evaluation_id = (await _find(request)).evaluation_id
-    try:
-        await evaluations.cancel(evaluation_id)
-    except RejectedError as exc:
-        raise ApiError(409, str(exc.code), exc.message) from None
+    status = await _evaluations(request).cancel(evaluation_id)
+    if status is None:
+        raise _unknown_evaluation(evaluation_id)
     logger.info(
-        "request %s cancelled evaluation %s", request[REQUEST_ID_KEY], evaluation_id
+        "request %s cancelled evaluation %s, now %s",
+        request[REQUEST_ID_KEY], evaluation_id, status.state.value,
     )
-    return _model_response(await _find(request))
+    return _model_response(status)
 
 
 async def _find(request: web.Request) -> EvaluationStatus:
     evaluation_id = request.match_info["evaluation_id"]
-    status = await asyncio.to_thread(request.app[EVALUATIONS_KEY].status, evaluation_id)
+    status = await _evaluations(request).status(evaluation_id)
     if status is None:
-        raise ApiError(
-            404, "unknown_evaluation",
-            f"no evaluation {evaluation_id!r}; GET {API_PREFIX}/evaluations lists them",
-        )
+        raise _unknown_evaluation(evaluation_id)
     return status
+
+
+def _unknown_evaluation(evaluation_id: str) -> ApiError:
+    return ApiError(
+        404, "unknown_evaluation",
+        f"no evaluation {evaluation_id!r}; GET {API_PREFIX}/evaluations lists them",
+    )
 
 
 async def _artifact(request: web.Request) -> web.StreamResponse:
@@ -370,7 +392,7 @@ async def _artifact(request: web.Request) -> web.StreamResponse:
         )
     status = await _find(request)
     path = await asyncio.to_thread(
-        request.app[EVALUATIONS_KEY].artifact_path, evaluation_id, name
+        _evaluations(request).artifact_path, evaluation_id, name
     )
     if path is None or not await asyncio.to_thread(path.is_file):
         raise ApiError(

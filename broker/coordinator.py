@@ -66,6 +66,14 @@ from fairu.protocol.topology import (
     result_routing_key,
 )
 
+from .api import (
+    DEFAULT_HTTP_HOST,
+    DEFAULT_HTTP_PORT,
+    ApiServer,
+    is_loopback_address,
+    make_app,
+    parse_listen,
+)
 from .scheduling import (
     MAX_REQUEUE_ROUNDS,
     REQUEUE_ROUNDS_HEADER,
@@ -113,9 +121,11 @@ class Coordinator:
         key: Ed25519PrivateKey | None = None,
         requeue_delay: Callable[[int], float] = requeue_delay_s,
         evaluations: Evaluations | None = None,
+        http: tuple[str, int] | None = None,
     ) -> None:
         """`key` signs the coordinator's own results; None makes a key for this run.
-        `evaluations`, when given, is told of every recorded result."""
+        `evaluations`, when given, is told of every recorded result.
+        `http` is the (host, port) of the HTTP API and page; None serves none."""
         self.broker_url = broker_url
         self.store = store
         self.queues = queues
@@ -125,9 +135,17 @@ class Coordinator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._workers: dict[str, _Worker] = {}
         self.evaluations = evaluations
+        self.api: ApiServer | None = None
+        if http is not None:
+            host, port = http
+            app = make_app(store, evaluations, loopback_only=is_loopback_address(host))
+            self.api = ApiServer(app, host, port)
 
     async def run(self) -> None:
         logger.info("coordinator starting with database %s", self.store.path)
+        if self.api is not None:
+            # Before anything else, so a port in use stops the start at once.
+            await self.api.start()
         liveness = asyncio.create_task(self._watch_liveness())
         if self.evaluations is not None:
             await self.evaluations.start()
@@ -136,6 +154,8 @@ class Coordinator:
         finally:
             liveness.cancel()
             await asyncio.gather(liveness, return_exceptions=True)
+            if self.api is not None:
+                await self.api.stop()
             if self.evaluations is not None:
                 await self.evaluations.close()
         logger.info("coordinator stopped")
@@ -578,9 +598,28 @@ def main(argv: list[str] | None = None) -> int:
         help="base URL of this coordinator's HTTP API as agents reach it, such as "
         "http://coordinator.example:8480; needed for scoring programs",
     )
+    parser.add_argument(
+        "--http",
+        default=f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}",
+        metavar="HOST:PORT",
+        help="address of the HTTP API and the organizer page (default "
+        f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}; 'off' serves neither). The API has "
+        "no authentication, so keep it on loopback or behind an authenticating proxy",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    try:
+        http = None if args.http == "off" else parse_listen(args.http)
+    except ConfigError as exc:
+        print(f"fairu-coordinator: error: {exc}", file=sys.stderr)
+        return 2
+    if http is not None and not is_loopback_address(http[0]):
+        logger.warning(
+            "the HTTP API on %s:%d is reachable beyond this host and has no "
+            "authentication: anyone who reaches it can cancel evaluations",
+            *http,
+        )
     try:
         args.db.parent.mkdir(parents=True, exist_ok=True)
         key = _load_or_make_key(args.key or args.db.with_name(args.db.name + ".key"))
@@ -596,7 +635,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     async def serve() -> None:
-        coordinator = Coordinator(args.broker, store, key=key, evaluations=evaluations)
+        coordinator = Coordinator(
+            args.broker, store, key=key, evaluations=evaluations, http=http
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, coordinator.stopping.set)
@@ -604,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(serve())
+    except ConfigError as exc:
+        print(f"fairu-coordinator: error: {exc}", file=sys.stderr)
+        return 2
     except SessionError as exc:
         print(f"fairu-coordinator: error: {exc}", file=sys.stderr)
         return 1

@@ -109,6 +109,9 @@ def _error(description: str) -> dict[str, Any]:
     return _json("ErrorBody", description)
 
 
+# Every evaluation endpoint answers 503 on a coordinator started without --keys-dir.
+DISABLED = "the coordinator runs no evaluations"
+
 EVALUATION_ID = {
     "name": "evaluation_id",
     "in": "path",
@@ -186,6 +189,10 @@ def _paths() -> dict[str, Any]:
                     ),
                     "409": _error("an evaluation with this id exists"),
                     "413": _error("the body is larger than the limit"),
+                    "503": _error(
+                        "the broker or the coordinator's keys cannot be used now, or "
+                        f"{DISABLED}"
+                    ),
                 },
             },
             "get": {
@@ -193,6 +200,7 @@ def _paths() -> dict[str, Any]:
                 "summary": "List every evaluation",
                 "responses": {
                     "200": _json_list("EvaluationSummary", "the evaluations"),
+                    "503": _error(DISABLED),
                 },
             },
         },
@@ -204,6 +212,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json("EvaluationStatus", "the evaluation"),
                     "404": _error("no evaluation has this id"),
+                    "503": _error(DISABLED),
                 },
             }
         },
@@ -211,12 +220,15 @@ def _paths() -> dict[str, Any]:
             "post": {
                 "operationId": "cancelEvaluation",
                 "summary": "Cancel an evaluation and its queued and running shards",
+                "description": (
+                    "An evaluation that already ended is returned unchanged."
+                ),
                 "parameters": [EVALUATION_ID],
                 "responses": {
                     "200": _json("EvaluationStatus", "the evaluation after the cancel"),
                     "403": _error("the request came from another origin"),
                     "404": _error("no evaluation has this id"),
-                    "409": _error("the evaluation cannot be cancelled"),
+                    "503": _error(DISABLED),
                 },
             }
         },
@@ -239,6 +251,7 @@ def _paths() -> dict[str, Any]:
                     },
                     "400": _error("the name is not a plain file name"),
                     "404": _error("no such evaluation or artifact"),
+                    "503": _error(DISABLED),
                 },
             }
         },

@@ -87,15 +87,17 @@ class FakeEvaluations:
         evaluation_id = payload["evaluation_id"]
         if evaluation_id in self.statuses:
             raise RejectedError(ErrorCode.REPLAYED, f"{evaluation_id} exists")
+        if evaluation_id == "broker-down":
+            raise RejectedError(ErrorCode.INTERNAL_ERROR, "the broker cannot be reached")
         self.statuses[evaluation_id] = status_of(evaluation_id)
         return self.statuses[evaluation_id]
 
-    def status(self, evaluation_id: str) -> EvaluationStatus | None:
+    async def status(self, evaluation_id: str) -> EvaluationStatus | None:
         if self.fail_with is not None:
             raise self.fail_with
         return self.statuses.get(evaluation_id)
 
-    def list(self) -> list[EvaluationSummary]:
+    async def list(self) -> list[EvaluationSummary]:
         fields = set(EvaluationSummary.model_fields)
         return [
             EvaluationSummary(**{k: v for k, v in dict(s).items() if k in fields})
@@ -106,13 +108,12 @@ class FakeEvaluations:
         path = self.artifacts / evaluation_id / name
         return path if path.exists() else None
 
-    async def cancel(self, evaluation_id: str) -> None:
-        status = self.statuses[evaluation_id]
-        if status.state is EvaluationState.FINISHED:
-            raise RejectedError(ErrorCode.BAD_PAYLOAD, "the evaluation has finished")
-        self.statuses[evaluation_id] = status.model_copy(
-            update={"state": EvaluationState.CANCELLED}
-        )
+    async def cancel(self, evaluation_id: str) -> EvaluationStatus | None:
+        status = self.statuses.get(evaluation_id)
+        if status is not None and status.state is EvaluationState.RUNNING:
+            status = status.model_copy(update={"state": EvaluationState.CANCELLED})
+            self.statuses[evaluation_id] = status
+        return status
 
 
 def envelope(payload: object, key_id: str = "signer-1") -> bytes:
@@ -229,6 +230,8 @@ async def test_submit_duplicate_conflicts(http):
         pytest.param(b"", 400, "bad_envelope", id="empty"),
         pytest.param(envelope([1]), 400, "bad_payload", id="invalid-request"),
         pytest.param(envelope({}, key_id="untrusted"), 403, "bad_signature", id="untrusted"),
+        pytest.param(envelope({"evaluation_id": "broker-down"}), 503, "internal_error",
+                     id="broker-down"),
     ],
 )
 async def test_submit_rejected(http, body, status, code):
@@ -273,8 +276,8 @@ async def test_cancel_evaluation(http, evaluations):
         assert response.status == 200
         assert (await response.json())["state"] == "cancelled"
     async with http.post("/api/v1/evaluations/eval-done/cancel") as response:
-        assert response.status == 409
-        assert "has finished" in (await error_of(response))["message"]
+        assert response.status == 200
+        assert (await response.json())["state"] == "finished"
 
 
 async def test_cross_origin_post_forbidden(http, server, evaluations):
@@ -370,6 +373,29 @@ async def test_agents_match_admin_json(http, store, tmp_path):
     assert agents == printed
     assert agents[0]["site"] == "uni-a"
     assert agents[0]["free"]["cpus"] == 6.0
+
+
+async def test_evaluations_disabled(store):
+    api = ApiServer(make_app(store, None), "127.0.0.1", 0)
+    await api.start()
+    try:
+        async with aiohttp.ClientSession(base_url=api.url) as http:
+            for method, url in [
+                ("GET", "/api/v1/evaluations"),
+                ("GET", "/api/v1/evaluations/e1"),
+                ("POST", "/api/v1/evaluations"),
+                ("POST", "/api/v1/evaluations/e1/cancel"),
+                ("GET", "/api/v1/evaluations/e1/artifacts/report.html"),
+            ]:
+                async with http.request(method, url, data=b"{}") as response:
+                    assert response.status == 503, url
+                    error = await error_of(response)
+                    assert error["code"] == "evaluations_disabled"
+                    assert "--keys-dir" in error["message"]
+            async with http.get("/api/v1/agents") as response:
+                assert response.status == 200
+    finally:
+        await api.stop()
 
 
 async def test_port_in_use_rejected(store, evaluations):
@@ -476,7 +502,7 @@ RESPONSE_CASES = [
     pytest.param("post", "/api/v1/evaluations", "/api/v1/evaluations",
                  b"x" * (64 * 1024 + 1), 413, id="submit-too-large"),
     pytest.param("post", "/api/v1/evaluations/{evaluation_id}/cancel",
-                 "/api/v1/evaluations/eval-done/cancel", b"", 409, id="cancel-finished"),
+                 "/api/v1/evaluations/eval-done/cancel", b"", 200, id="cancel-finished"),
     pytest.param("get", "/api/v1/evaluations/{evaluation_id}/artifacts/{name}",
                  "/api/v1/evaluations/eval-done/artifacts/.x", None, 400,
                  id="artifact-bad-name"),
