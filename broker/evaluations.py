@@ -485,10 +485,10 @@ class Evaluations:
         shard = shards[attempt.shard_index]
         rectangle = _rectangle(shard)
         late_reason = None
-        if row.state != EvaluationState.RUNNING:
-            late_reason = f"evaluation {row.evaluation_id} is already {row.state}"
-        elif shard.state == ShardState.DONE:
+        if shard.state == ShardState.DONE:
             late_reason = f"shard {shard.index} was already done by job {shard.job_id}"
+        elif row.state != EvaluationState.RUNNING:
+            late_reason = f"evaluation {row.evaluation_id} is already {row.state}"
         if late_reason is not None:
             if await self._finish_attempt(attempt, result, "late", late_reason):
                 await asyncio.to_thread(
