@@ -485,10 +485,10 @@ class Evaluations:
         shard = shards[attempt.shard_index]
         rectangle = _rectangle(shard)
         late_reason = None
-        if row.state != EvaluationState.RUNNING:
-            late_reason = f"evaluation {row.evaluation_id} is already {row.state}"
-        elif shard.state == ShardState.DONE:
+        if shard.state == ShardState.DONE:
             late_reason = f"shard {shard.index} was already done by job {shard.job_id}"
+        elif row.state != EvaluationState.RUNNING:
+            late_reason = f"evaluation {row.evaluation_id} is already {row.state}"
         if late_reason is not None:
             if await self._finish_attempt(attempt, result, "late", late_reason):
                 await asyncio.to_thread(
@@ -502,7 +502,7 @@ class Evaluations:
         data = b""
         if result.status is FinalStatus.SUCCEEDED:
             try:
-                data = await asyncio.to_thread(_checked_predictions, result, rectangle)
+                data = await asyncio.to_thread(_checked_predictions, result, shard)
             except JobError as exc:
                 error = f"{exc.code}: {exc.message}"
         elif result.error is not None:
@@ -1046,8 +1046,10 @@ def _shard_status(shard: ShardRow) -> ShardStatus:
     )
 
 
-def _checked_predictions(result: JobResult, shard: Rectangle) -> bytes:
+def _checked_predictions(result: JobResult, shard: ShardRow) -> bytes:
     """Return a shard result's predictions bytes once they cover exactly its rectangle."""
+    from . import predictions
+
     found = [a for a in result.artifacts if a.name == PREDICTIONS_ARTIFACT]
     if not found:
         raise JobError(
@@ -1055,36 +1057,43 @@ def _checked_predictions(result: JobResult, shard: Rectangle) -> bytes:
             f"the result carries no {PREDICTIONS_ARTIFACT} artifact",
         )
     data = artifact_bytes(found[0])
-    from . import predictions as shard_predictions
-
-    shard_predictions.check_shard(
-        shard_predictions.parse_predictions(data),
-        shard.first_set, shard.sets, shard.first_experiment, shard.experiments,
-    )
+    try:
+        predictions.parse_shard(data, shard)
+    except predictions.PredictionsError as exc:
+        raise JobError(ErrorCode.BAD_PREDICTIONS, str(exc)) from None
     return data
 
 
 def _pool_and_score(
     folder: Path, request: EvaluationRequest, shards: list[ShardRow]
 ) -> tuple[dict[str, float], list[str]]:
-    """Pool the accepted shard predictions and write the evaluation's artifacts."""
-    from . import predictions as shard_predictions
+    """Pool the accepted shard predictions, score them and write the artifacts."""
+    from . import predictions, report, scoring
 
     parts = [
-        shard_predictions.parse_predictions((folder / "shards" / f"{s.index}.json").read_bytes())
+        predictions.parse_shard((folder / "shards" / f"{s.index}.json").read_bytes(), s)
         for s in shards
     ]
-    pooled = shard_predictions.pool(parts)
-    shard_predictions.check_shard(
-        pooled, 0, request.num_sets, 0, request.experiments_per_set
-    )
-    pooled_bytes = shard_predictions.to_json(pooled)
-    scores = shard_predictions.score(pooled, request.mu_true)
+    try:
+        pooled = predictions.pool(parts).sorted()
+        scores = scoring.pooled_scores(pooled, request.mu_true)
+    except (predictions.PredictionsError, scoring.ScoringError) as exc:
+        raise JobError(ErrorCode.BAD_PREDICTIONS, str(exc)) from None
+    pooled_bytes = predictions.encode_predictions_json(pooled)
     _write_file(folder / PREDICTIONS_ARTIFACT, pooled_bytes)
     _write_file(folder / POOLED_TAR, _tar_one(PREDICTIONS_ARTIFACT, pooled_bytes))
-    _write_file(folder / SCORES_FILE, json.dumps(scores, indent=2, sort_keys=True).encode())
+    _write_file(folder / SCORES_FILE, json.dumps(scores, indent=2).encode())
     names = [PREDICTIONS_ARTIFACT, POOLED_TAR, SCORES_FILE]
-    names += shard_predictions.write_report(folder, pooled, request.mu_true, scores)
+    names += report.write_report(
+        folder, pooled, request.mu_true, scores,
+        title=f"Evaluation {request.evaluation_id}",
+        details={
+            "evaluation": request.evaluation_id,
+            "submission": request.submission_id,
+            "competition": request.competition,
+            "shards": str(len(shards)),
+        },
+    )
     return scores, names
 
 
