@@ -10,6 +10,7 @@ coordinator's own API, as agents do in production.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import shutil
 import socket
@@ -247,10 +248,16 @@ async def test_api_round_trip(api_setup):
             assert response.status == 404
 
         async with http.get(f"{setup.url}/api/v1/agents") as response:
-            agents = await response.json()
-        assert [agent["site"] for agent in agents] == ["test"]
-        assert agents[0]["approval"] == "approved"
-        assert agents[0]["fleet_state"] == "serving"
+            assert response.status == 200
+            fleet = await response.json()
+        # Agents of other tests on the broker register here too, unapproved.
+        queue = setup.competition.amqp_queue
+        ours = [agent for agent in fleet if agent["queues"] == [queue]]
+        assert len(ours) == 1
+        assert ours[0]["site"] == "test"
+        assert ours[0]["approval"] == "approved"
+        assert ours[0]["fleet_state"] == "serving"
+        assert {shard["agent_id"] for shard in status["shards"]} == {ours[0]["agent_id"]}
 
 
 async def test_api_rejects_bad_submissions(api_setup):
@@ -269,7 +276,8 @@ async def test_api_rejects_bad_submissions(api_setup):
             error = await error_of(response)
         assert error["code"] in ("unknown_key", "bad_certificate", "bad_signature")
 
-        async with http.post(base, data=b"x" * (MAX_BODY_BYTES + 1)) as response:
+        oversized = io.BytesIO(b"x" * (MAX_BODY_BYTES + 1))
+        async with http.post(base, data=oversized) as response:
             assert response.status == 413
             assert (await error_of(response))["code"] == "message_too_large"
 
@@ -338,6 +346,7 @@ async def test_cli_evaluate_and_page(api_setup, tmp_path):
     assert code == 0, stderr
     shard_rows = [line.split() for line in shown.splitlines() if line[:1].isdigit()]
     assert [row[:4] for row in shard_rows] == [["0", "0", "0-3", "done"], ["1", "1", "0-3", "done"]]
+    agent_id = shard_rows[0][6]
 
     profile = Path(tempfile.mkdtemp(prefix="fairu-chromium-"))
     try:
@@ -355,10 +364,9 @@ async def test_cli_evaluate_and_page(api_setup, tmp_path):
                 shards_text = await row.locator("td.shards").inner_text()
                 report = row.locator("a", has_text="report.html")
                 report_href = await report.get_attribute("href")
-                agent_row = page.locator("#fleet tbody tr").first
+                agent_row = page.locator(f'#fleet tr[data-agent-id="{agent_id}"]')
                 await agent_row.wait_for(timeout=30_000)
                 agent_text = await agent_row.inner_text()
-                agent_id = await agent_row.get_attribute("data-agent-id")
             finally:
                 await context.close()
     finally:
@@ -368,5 +376,4 @@ async def test_cli_evaluate_and_page(api_setup, tmp_path):
     assert "quantiles_score" in row_text
     assert shards_text == "2/2 done, 0 running, 0 failed"
     assert report_href == "/api/v1/evaluations/ev-page-1/artifacts/report.html"
-    assert agent_text.split("\t")[0] == "test"
-    assert agent_id in agent_text
+    assert agent_text.split("\t")[:3] == ["test", agent_id, "serving"]
