@@ -1,7 +1,7 @@
 """The coordinator's HTTP API and the organizer page, served by aiohttp.
 
-Every endpoint answers JSON, and every error is {"error": {"code", "message"}} with
-no traceback. The API has no authentication of its own: submissions carry their
+The /api/v1 endpoints return JSON, and every error is {"error": {"code", "message"}}
+with no traceback. The API has no authentication of its own: submissions carry their
 organizer's signature, and the server listens on loopback unless told otherwise,
 where it also rejects Host headers other than loopback names (DNS rebinding) and
 cross-origin POSTs (CSRF from a page the organizer's browser has open).
@@ -26,6 +26,7 @@ from aiohttp import web
 from fairu.protocol.errors import ConfigError, ErrorCode, RejectedError
 from fairu.protocol.evaluation import EvaluationStatus, EvaluationSummary
 
+from .evaluations import MAX_REQUEST_BYTES
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_HTTP_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8480
 API_PREFIX = "/api/v1"
-# The largest request body read. An evaluation request with the most sets allowed
-# (100 000 values of mu_true) is about 3 MB once base64-encoded in its envelope.
-MAX_BODY_BYTES = 4 * 1024 * 1024
+# The largest request body read: the envelope size that `Evaluations` accepts.
+MAX_BODY_BYTES = MAX_REQUEST_BYTES
 WEB_ROOT = Path(__file__).parent / "web"
 WEB_FILES = {
     "index.html": "text/html",
@@ -94,7 +94,7 @@ REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
 class ApiError(Exception):
-    """An error answered to the client as JSON with this status and code."""
+    """An error returned to the client as JSON with this status and code."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -112,10 +112,10 @@ def make_app(
 ) -> web.Application:
     """Build the API application; `loopback_only` rejects non-loopback Host headers.
 
-    With `evaluations` None, the evaluation endpoints answer 503 and the fleet is
-    still served.
+    With `evaluations` None, the evaluation endpoints respond with 503 and the
+    fleet is still served.
     """
-    # aiohttp's own cap is set one byte above ours, so `_read_body` answers first.
+    # aiohttp's own cap is set one byte above ours, so `_read_body` responds first.
     app = web.Application(
         client_max_size=max_body_bytes + 1, middlewares=[_errors, _guard_origin]
     )
@@ -146,7 +146,7 @@ def make_app(
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every error as JSON with a request id, and log it with that id."""
+    """Return every error as JSON with a request id, and log it with that id."""
     request_id = uuid.uuid4().hex[:12]
     request[REQUEST_ID_KEY] = request_id
     try:
@@ -154,7 +154,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ApiError as exc:
         level = logging.WARNING if exc.status >= 500 else logging.INFO
         logger.log(
-            level, "request %s %s %s answered %d %s: %s",
+            level, "request %s %s %s failed with %d %s: %s",
             request_id, request.method, request.path, exc.status, exc.code, exc.message,
         )
         return _error_response(exc.status, exc.code, exc.message, request_id)
@@ -164,7 +164,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         code = _HTTP_CODES.get(exc.status, "http_error")
         message = _http_message(request, exc)
         logger.info(
-            "request %s %s %s answered %d: %s",
+            "request %s %s %s failed with %d: %s",
             request_id, request.method, request.path, exc.status, message,
         )
         return _error_response(exc.status, code, message, request_id)
@@ -206,7 +206,7 @@ async def _guard_origin(request: web.Request, handler: Handler) -> web.StreamRes
     if request.app[LOOPBACK_ONLY_KEY] and not _is_loopback_host(request.host):
         raise ApiError(
             421, "misdirected_request",
-            f"this server answers only loopback host names, not {request.host!r}",
+            f"this server accepts only loopback host names, not {request.host!r}",
         )
     origin = request.headers.get("Origin")
     if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None:
@@ -319,7 +319,7 @@ def _rejection_status(code: ErrorCode) -> int:
 
 
 async def _read_body(request: web.Request) -> bytes:
-    """Read the body in chunks, stopping at the cap whatever Content-Length says."""
+    """Read the body in chunks and stop at the cap, whatever the Content-Length."""
     limit = request.app[MAX_BODY_KEY]
     too_large = ApiError(
         413, str(ErrorCode.MESSAGE_TOO_LARGE),

@@ -35,14 +35,15 @@ POLL_INTERVAL_S = 1.0
 FINAL_STATES = frozenset(
     {EvaluationState.FINISHED, EvaluationState.FAILED, EvaluationState.CANCELLED}
 )
-# The most bytes of a response read; an evaluation of 100 000 shards is about 30 MB.
+# The maximum bytes of a response read. An evaluation of 100 000 shards is an
+# estimated 30 MB of JSON.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class CoordinatorError(FairuError):
-    """The coordinator could not be reached, or it answered with an error."""
+    """The coordinator could not be reached, or it responded with an error."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -95,7 +96,7 @@ class CoordinatorClient:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return response.read(MAX_RESPONSE_BYTES)
         except urllib.error.HTTPError as exc:
-            raise _answered_error(method, self.url + path, exc) from None
+            raise _error_from_response(method, self.url + path, exc) from None
         except urllib.error.URLError as exc:
             reason = getattr(exc.reason, "strerror", None) or exc.reason
             raise CoordinatorError(
@@ -105,7 +106,7 @@ class CoordinatorClient:
             ) from None
         except TimeoutError:
             raise CoordinatorError(
-                f"the coordinator at {self.url} did not answer {method} {path} within "
+                f"the coordinator at {self.url} did not respond to {method} {path} within "
                 f"{self.timeout_s:.0f} s"
             ) from None
         except OSError as exc:
@@ -117,7 +118,7 @@ class CoordinatorClient:
 _SUMMARIES = TypeAdapter(list[EvaluationSummary])
 
 
-def _answered_error(method: str, url: str, exc: urllib.error.HTTPError) -> CoordinatorError:
+def _error_from_response(method: str, url: str, exc: urllib.error.HTTPError) -> CoordinatorError:
     try:
         detail = json.loads(exc.read(64 * 1024))["error"]
         message = f"{detail['code']}: {detail['message']}"
@@ -126,7 +127,8 @@ def _answered_error(method: str, url: str, exc: urllib.error.HTTPError) -> Coord
         if exc.code == 404:
             message += "; is this the coordinator's address?"
     return CoordinatorError(
-        f"the coordinator answered {method} {url} with {exc.code}: {message}", exc.code
+        f"the coordinator responded to {method} {url} with {exc.code}: {message}",
+        exc.code,
     )
 
 

@@ -125,7 +125,7 @@ class Coordinator:
     ) -> None:
         """`key` signs the coordinator's own results; None makes a key for this run.
         `evaluations`, when given, is told of every recorded result.
-        `http` is the (host, port) of the HTTP API and page; None serves none."""
+        `http` is the (host, port) of the HTTP API and page; None serves neither."""
         self.broker_url = broker_url
         self.store = store
         self.queues = queues

@@ -109,7 +109,7 @@ def _error(description: str) -> dict[str, Any]:
     return _json("ErrorBody", description)
 
 
-# Every evaluation endpoint answers 503 on a coordinator started without --keys-dir.
+# Every evaluation endpoint responds with 503 on a coordinator started without --keys-dir.
 DISABLED = "the coordinator runs no evaluations"
 
 EVALUATION_ID = {

@@ -117,15 +117,18 @@ function artifactsCell(row, summary, status) {
   }
 }
 
+// Artifacts are written when an evaluation ends, so only a final evaluation's
+// status is fetched, once: a running one may have many shards to send.
 async function statusOf(summary) {
+  if (!FINAL_STATES.has(summary.state)) {
+    return null;
+  }
   const cached = finalStatuses.get(summary.evaluation_id);
   if (cached) {
     return cached;
   }
   const status = await getJson(API + "/evaluations/" + encodeURIComponent(summary.evaluation_id));
-  if (FINAL_STATES.has(status.state)) {
-    finalStatuses.set(summary.evaluation_id, status);
-  }
+  finalStatuses.set(summary.evaluation_id, status);
   return status;
 }
 
