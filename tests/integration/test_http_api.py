@@ -115,6 +115,7 @@ async def api_setup(
     folder.issue(timedelta(hours=2), make_current=True)
     keys = CoordinatorKeys(tmp_path / "keys")
     root_key = (tmp_path / "keys" / "root.pub").read_text().strip()
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     store = Store(tmp_path / "coordinator.sqlite")
@@ -126,6 +127,7 @@ async def api_setup(
         http=("127.0.0.1", port),
     )
     task = asyncio.create_task(coordinator.run())
+
     try:
         await wait_until_serving(url)
         token = await asyncio.to_thread(store.add_enrollment_token, "test")
@@ -340,11 +342,11 @@ async def test_cli_evaluate_and_page(api_setup, tmp_path):
     assert "ev-page-1 finished: 2/2 shards done, 0 running, 0 failed" in stderr
     assert "quantiles_score" in stdout
 
-    code, shown, stderr = await run_admin(
+    code, show_output, stderr = await run_admin(
         "evaluations", "show", "ev-page-1", "--coordinator", setup.url
     )
     assert code == 0, stderr
-    shard_rows = [line.split() for line in shown.splitlines() if line[:1].isdigit()]
+    shard_rows = [line.split() for line in show_output.splitlines() if line[:1].isdigit()]
     assert [row[:4] for row in shard_rows] == [["0", "0", "0-3", "done"], ["1", "1", "0-3", "done"]]
     agent_id = shard_rows[0][6]
 
