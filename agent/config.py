@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from fairu.protocol.errors import ConfigError
-from fairu.protocol.models import Name
+from fairu.protocol.models import MAX_ARTIFACT_BYTES, Name
 from fairu.protocol.signing import (
     DEFAULT_MAX_MESSAGE_BYTES,
     describe_validation,
@@ -136,6 +136,11 @@ class AgentSection(Section):
     lease_ttl_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
     max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = (
         DEFAULT_MAX_MESSAGE_BYTES
+    )
+    # Most bytes of the files a job's `artifacts` names, all together, returned in
+    # its result; a job over it fails with artifacts_too_large.
+    max_artifact_bytes: Annotated[int, Field(ge=0, le=MAX_ARTIFACT_BYTES)] = (
+        MAX_ARTIFACT_BYTES
     )
     # Clock skew tolerated when checking created_at and expires_at.
     clock_skew_s: Annotated[float, Field(ge=0, le=3600)] = 60.0

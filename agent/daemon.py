@@ -217,6 +217,7 @@ class Agent:
                     site=self.config.site.name,
                     max_message_bytes=self.config.agent.max_message_bytes,
                     clock_skew_s=self.config.agent.clock_skew_s,
+                    max_artifact_bytes=self.config.agent.max_artifact_bytes,
                 ),
                 self.identity,
                 self.trust,

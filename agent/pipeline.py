@@ -19,10 +19,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Protocol
 
 from fairu.protocol.errors import ErrorCode, JobError, RejectedError
 from fairu.protocol.models import (
+    MAX_ARTIFACT_BYTES,
+    Artifact,
     MAX_LOG_TAIL_CHARS,
     Durations,
     ErrorInfo,
@@ -38,10 +41,11 @@ from fairu.protocol.trust import verify_job_envelope
 from fairu.protocol.topology import split_job_queue_name
 from fairu.runners.base import Mount, Runner, RunnerUnavailable, RunSpec, ContainerError
 
+from .artifacts import read_artifacts
 from .config import PolicySection
 from .fetch import InputCache
 from .policy import check_policy
-from .scores import read_scores
+from .scores import SCORES_FILE, read_scores
 from .session import Delivery
 from .state import Identity, StateDir
 from .trust import TrustStore
@@ -75,6 +79,7 @@ class PipelineSettings:
     site: str
     max_message_bytes: int
     clock_skew_s: float
+    max_artifact_bytes: int = MAX_ARTIFACT_BYTES
 
 
 class JobPipeline:
@@ -323,10 +328,25 @@ class JobPipeline:
             )
         await self._status(job, JobState.READING_SCORES)
         try:
-            scores = await asyncio.to_thread(read_scores, output)
+            scores, artifacts = await asyncio.to_thread(self._read_outputs, job, output)
         except JobError as exc:
             return self._failed(job, exc.code, exc.message, **logs)
-        return self._result(job.job_id, job, FinalStatus.SUCCEEDED, scores=scores, **logs)
+        return self._result(
+            job.job_id, job, FinalStatus.SUCCEEDED, scores=scores, artifacts=artifacts,
+            **logs,
+        )
+
+    def _read_outputs(
+        self, job: JobSpec, output: Path
+    ) -> tuple[dict[str, float], list[Artifact]]:
+        """Read scores.json and the job's artifacts. A job that names artifacts may
+        write no scores.json, because its results can be in those files alone."""
+        if job.artifacts and not (output / SCORES_FILE).exists():
+            scores: dict[str, float] = {}
+        else:
+            scores = read_scores(output)
+        artifacts = read_artifacts(output, job.artifacts, self.settings.max_artifact_bytes)
+        return scores, artifacts
 
     # --- results ----------------------------------------------------------------
 

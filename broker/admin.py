@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from fairu.agent.session import AmqpSession, Delivery, PublishFailed, SessionError
 from fairu.logs import configure_logging
 from fairu.protocol.errors import ConfigError, RejectedError
+from fairu.protocol.evaluation import EvaluationState
 from fairu.protocol.models import (
     CancelRequest,
     Envelope,
@@ -53,6 +54,16 @@ from fairu.protocol.topology import (
     status_routing_key,
 )
 
+from .client import (
+    DEFAULT_COORDINATOR_URL,
+    CoordinatorClient,
+    CoordinatorError,
+    follow,
+    format_evaluation,
+    format_evaluations,
+    format_scores,
+)
+from .evaluation_file import load_evaluation_file
 from .jobfile import load_job_file, parse_duration
 from .keys import KeyFolder
 from .scheduling import AgentOffer
@@ -79,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fairu-admin: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except SessionError as exc:
+    except (SessionError, CoordinatorError) as exc:
         print(f"fairu-admin: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except ValidationError as exc:
@@ -184,6 +195,8 @@ def _parser() -> argparse.ArgumentParser:
         f"(default: $FAIRU_COORDINATOR_DB or {DEFAULT_COORDINATOR_DB}, when it exists)",
     )
     submit.set_defaults(handler=_submit)
+
+    _add_evaluation_commands(groups)
 
     cancel = groups.add_parser("cancel", help="end a job wherever it is")
     cancel.add_argument("job_id")
@@ -534,6 +547,103 @@ def _results_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- evaluations -----------------------------------------------------------------
+
+
+def _add_evaluation_commands(groups: Any) -> None:
+    evaluate = groups.add_parser(
+        "evaluate", help="sign an evaluation request and submit it to the coordinator"
+    )
+    evaluate.add_argument("evaluation_file", type=Path, help="evaluation request (TOML)")
+    _add_coordinator_option(evaluate)
+    _add_signer_options(evaluate)
+    evaluate.add_argument(
+        "--evaluation-id", help="evaluation id to use instead of a fresh one"
+    )
+    evaluate.add_argument(
+        "--wait", action="store_true", help="show progress until it ends, then the scores"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the status as JSON")
+    evaluate.set_defaults(handler=_evaluate)
+
+    evaluations = groups.add_parser(
+        "evaluations", help="evaluations the coordinator runs"
+    ).add_subparsers(dest="action", required=True)
+    show = evaluations.add_parser("show", help="show an evaluation and its shards")
+    show.add_argument("evaluation_id")
+    _add_coordinator_option(show)
+    show.add_argument("--json", action="store_true", help="print the status as JSON")
+    show.set_defaults(handler=_evaluations_show)
+    listing = evaluations.add_parser("list", help="list every evaluation")
+    _add_coordinator_option(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_evaluations_list)
+    cancel = evaluations.add_parser("cancel", help="cancel an evaluation and its shards")
+    cancel.add_argument("evaluation_id")
+    _add_coordinator_option(cancel)
+    cancel.set_defaults(handler=_evaluations_cancel)
+
+
+def _add_coordinator_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--coordinator",
+        default=os.environ.get("FAIRU_COORDINATOR_URL", DEFAULT_COORDINATOR_URL),
+        metavar="URL",
+        help="the coordinator's HTTP API (default: $FAIRU_COORDINATOR_URL or "
+        f"{DEFAULT_COORDINATOR_URL})",
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    request = load_evaluation_file(args.evaluation_file, args.evaluation_id)
+    client = CoordinatorClient(args.coordinator)
+    body = _sign_as_platform(args, request)
+    status = client.submit(body)
+    print(
+        f"submitted evaluation {status.evaluation_id}: {status.shards_total} shards "
+        f"on {request.competition}.{request.queue}",
+        file=sys.stderr if args.json else sys.stdout,
+    )
+    if args.wait:
+        try:
+            status = follow(client, status.evaluation_id, sys.stderr, tty=sys.stderr.isatty())
+        except KeyboardInterrupt:
+            print(
+                f"\nfairu-admin: stopped waiting; evaluation {status.evaluation_id} goes on "
+                f"(`fairu-admin evaluations show {status.evaluation_id}` follows it)",
+                file=sys.stderr,
+            )
+            return 130
+    if args.json:
+        print(status.model_dump_json(indent=2))
+    elif args.wait:
+        print(format_evaluation(status))
+    if not args.wait:
+        return 0
+    return 0 if status.state is EvaluationState.FINISHED else EXIT_FAILED
+
+
+def _evaluations_show(args: argparse.Namespace) -> int:
+    status = CoordinatorClient(args.coordinator).status(args.evaluation_id)
+    print(status.model_dump_json(indent=2) if args.json else format_evaluation(status))
+    return 0
+
+
+def _evaluations_list(args: argparse.Namespace) -> int:
+    summaries = CoordinatorClient(args.coordinator).list()
+    if args.json:
+        print(json.dumps([summary.model_dump(mode="json") for summary in summaries], indent=2))
+    else:
+        print(format_evaluations(summaries))
+    return 0
+
+
+def _evaluations_cancel(args: argparse.Namespace) -> int:
+    status = CoordinatorClient(args.coordinator).cancel(args.evaluation_id)
+    print(f"evaluation {status.evaluation_id} is {status.state.value}")
+    return 0
+
+
 # --- submit ----------------------------------------------------------------------
 
 
@@ -741,11 +851,8 @@ def format_result(result: JobResult) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     if result.scores:
-        score_width = max(len(name) for name in result.scores)
         lines.append("")
-        lines.append(f"{'score':<{score_width}}  value")
-        for name, value in result.scores.items():
-            lines.append(f"{name:<{score_width}}  {value:.6g}")
+        lines.append(format_scores(dict(result.scores)))
     if result.status is not FinalStatus.SUCCEEDED and result.log_tail:
         lines.append("")
         lines.append("log tail:")

@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import random
 import signal
 import sqlite3
@@ -21,6 +22,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -66,6 +68,14 @@ from fairu.protocol.topology import (
     result_routing_key,
 )
 
+from .api import (
+    DEFAULT_HTTP_HOST,
+    DEFAULT_HTTP_PORT,
+    ApiServer,
+    is_loopback_address,
+    make_app,
+    parse_listen,
+)
 from .leases import LEASE_EXPIRY_LIMIT, Leases
 from .scheduling import (
     MAX_REQUEUE_ROUNDS,
@@ -79,6 +89,9 @@ from .scheduling import (
 from .store import Store
 from .topology import declare_topology
 
+if TYPE_CHECKING:
+    from .evaluations import Evaluations
+
 logger = logging.getLogger(__name__)
 
 PREFETCH = 256
@@ -87,6 +100,8 @@ LIVENESS_INTERVAL_S = 1.0
 # Dead-letter reason of a quorum queue message past x-delivery-limit (RabbitMQ 3.10).
 DELIVERY_LIMIT_REASON = "delivery_limit"
 PLATFORM_SITE = "platform"
+# A result may carry up to 8 MiB of artifacts, base64-encoded twice in its envelope.
+MAX_RECORD_BYTES = 24 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -109,10 +124,14 @@ class Coordinator:
         key: Ed25519PrivateKey | None = None,
         requeue_delay: Callable[[int], float] = requeue_delay_s,
         lease_expiry_limit: int = LEASE_EXPIRY_LIMIT,
+        evaluations: Evaluations | None = None,
+        http: tuple[str, int] | None = None,
     ) -> None:
         """`key` signs the coordinator's own results; None makes a key for this run.
 
         A job fails once its lease has expired `lease_expiry_limit` times.
+        `evaluations`, when given, is told of every recorded result. `http` is the
+        (host, port) of the HTTP API and page; None serves neither.
         """
         self.broker_url = broker_url
         self.store = store
@@ -123,15 +142,30 @@ class Coordinator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._workers: dict[str, _Worker] = {}
         self.leases = Leases(store, self._fail_job, lease_expiry_limit)
+        self.evaluations = evaluations
+        self.api: ApiServer | None = None
+        if http is not None:
+            host, port = http
+            app = make_app(store, evaluations, loopback_only=is_loopback_address(host))
+            self.api = ApiServer(app, host, port)
 
     async def run(self) -> None:
         logger.info("coordinator starting with database %s", self.store.path)
+        if self.api is not None:
+            # Before anything else, so a port in use stops the start at once.
+            await self.api.start()
         liveness = asyncio.create_task(self._watch_liveness())
+        if self.evaluations is not None:
+            await self.evaluations.start()
         try:
             await self._serve_until_stopped()
         finally:
             liveness.cancel()
             await asyncio.gather(liveness, return_exceptions=True)
+            if self.api is not None:
+                await self.api.stop()
+            if self.evaluations is not None:
+                await self.evaluations.close()
         logger.info("coordinator stopped")
 
     async def _serve_until_stopped(self) -> None:
@@ -242,8 +276,9 @@ class Coordinator:
     # --- agent events -----------------------------------------------------------
 
     async def handle_message(self, body: bytes) -> None:
-        # A lease event carries a whole job message, so it may exceed a job's limit.
-        envelope = decode_envelope(body, MAX_LEASE_MESSAGE_BYTES)
+        # Results carry artifacts and lease events a whole job message, so both may
+        # exceed a job's limit; MAX_RECORD_BYTES is the larger of the two limits.
+        envelope = decode_envelope(body, max(MAX_RECORD_BYTES, MAX_LEASE_MESSAGE_BYTES))
         kind = _peek_kind(envelope.payload)
         if kind == "registration":
             await self._register(envelope)
@@ -371,6 +406,7 @@ class Coordinator:
                 "recorded result of job %s from agent %s: %s", result.job_id, result.agent_id,
                 status,
             )
+            await self._notify_evaluations(result, body)
         else:
             await asyncio.to_thread(
                 self.store.audit_result, result.job_id, result.agent_id, status,
@@ -380,6 +416,13 @@ class Coordinator:
                 "duplicate result of job %s from agent %s kept for audit",
                 result.job_id, result.agent_id,
             )
+            # The first copy may have been recorded just before a crash, before its
+            # evaluation saw it; an attempt that already ended ignores the repeat.
+            await self._notify_evaluations(result, body)
+
+    async def _notify_evaluations(self, result: JobResult, body: bytes) -> None:
+        if self.evaluations is not None:
+            await self.evaluations.on_result(result, body)
 
     async def _agent_key(self, agent_id: str) -> Ed25519PublicKey:
         text = await asyncio.to_thread(self.store.agent_key, agent_id)
@@ -501,6 +544,7 @@ class Coordinator:
                 job.job_id,
             )
             return
+        await self._notify_evaluations(result, body)
         await session.publish(RESULTS_EXCHANGE, result_routing_key(job.job_id), body)
 
 
@@ -583,11 +627,50 @@ def main(argv: list[str] | None = None) -> int:
         help="lease expiries after which a job gets a failed result instead of being "
         f"queued again (default {LEASE_EXPIRY_LIMIT})",
     )
+    parser.add_argument(
+        "--keys-dir",
+        type=Path,
+        help="key folder with a certified job-signing key, root.pub and revocations, "
+        "laid out as `fairu-admin keys` writes it; turns on sharded evaluations",
+    )
+    parser.add_argument(
+        "--passphrase-env", metavar="VAR", help="variable holding the --keys-dir passphrase"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="folder for evaluation artifacts (default: the database path with "
+        ".evaluations appended)",
+    )
+    parser.add_argument(
+        "--public-url",
+        help="base URL of this coordinator's HTTP API as agents reach it, such as "
+        "http://coordinator.example:8480; needed for scoring programs",
+    )
+    parser.add_argument(
+        "--http",
+        default=f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}",
+        metavar="HOST:PORT",
+        help="address of the HTTP API and the organizer page (default "
+        f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}; 'off' serves neither). The API has "
+        "no authentication, so keep it on loopback or behind an authenticating proxy",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.lease_expiry_limit < 1:
         parser.error(f"--lease-expiry-limit {args.lease_expiry_limit} must be 1 or more")
     configure_logging(args.log_level)
+    try:
+        http = None if args.http == "off" else parse_listen(args.http)
+    except ConfigError as exc:
+        print(f"fairu-coordinator: error: {exc}", file=sys.stderr)
+        return 2
+    if http is not None and not is_loopback_address(http[0]):
+        logger.warning(
+            "the HTTP API on %s:%d is reachable beyond this host and has no "
+            "authentication: anyone who reaches it can cancel evaluations",
+            *http,
+        )
     try:
         args.db.parent.mkdir(parents=True, exist_ok=True)
         key = _load_or_make_key(args.key or args.db.with_name(args.db.name + ".key"))
@@ -595,10 +678,21 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ConfigError, sqlite3.Error) as exc:
         print(f"fairu-coordinator: error: cannot open database {args.db}: {exc}", file=sys.stderr)
         return 2
+    try:
+        evaluations = _make_evaluations(args, store)
+    except (OSError, ConfigError, sqlite3.Error) as exc:
+        print(f"fairu-coordinator: error: {exc}", file=sys.stderr)
+        store.close()
+        return 2
 
     async def serve() -> None:
         coordinator = Coordinator(
-            args.broker, store, key=key, lease_expiry_limit=args.lease_expiry_limit
+            args.broker,
+            store,
+            key=key,
+            lease_expiry_limit=args.lease_expiry_limit,
+            evaluations=evaluations,
+            http=http,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -607,12 +701,32 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(serve())
+    except ConfigError as exc:
+        print(f"fairu-coordinator: error: {exc}", file=sys.stderr)
+        return 2
     except SessionError as exc:
         print(f"fairu-coordinator: error: {exc}", file=sys.stderr)
         return 1
     finally:
         store.close()
     return 0
+
+
+def _make_evaluations(args: argparse.Namespace, store: Store) -> Evaluations | None:
+    from .evaluations import CoordinatorKeys, Evaluations
+
+    if args.keys_dir is None:
+        return None
+    passphrase = None
+    if args.passphrase_env:
+        value = os.environ.get(args.passphrase_env)
+        if value is None:
+            raise ConfigError(f"--passphrase-env names {args.passphrase_env}, which is not set")
+        passphrase = value.encode()
+    keys = CoordinatorKeys(args.keys_dir, passphrase)
+    keys.check()
+    data_dir = args.data_dir or args.db.with_name(args.db.name + ".evaluations")
+    return Evaluations(args.broker, store, data_dir, keys, public_base_url=args.public_url)
 
 
 def _load_or_make_key(path: Path) -> Ed25519PrivateKey:

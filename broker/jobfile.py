@@ -55,12 +55,7 @@ def load_job_file(path: Path, job_id: str | None = None) -> JobSpec:
         raw["job_id"] = job_id
     raw["created_at"] = created
     raw["expires_at"] = created + expires_in
-    inputs = raw.get("inputs", [])
-    if not isinstance(inputs, list) or not all(isinstance(item, dict) for item in inputs):
-        raise ConfigError(
-            f"invalid job file {path}: write each input as an [[inputs]] table"
-        )
-    raw["inputs"] = [_complete_input(item, path.parent) for item in inputs]
+    raw["inputs"] = complete_inputs(raw.get("inputs", []), path)
     try:
         # The file is trusted organizer input, so lax mode lets TOML ints stand
         # for floats and dates; the agent parses the signed JSON strictly.
@@ -84,6 +79,13 @@ def _check_resource_class(job: JobSpec, path: Path) -> None:
             f"job file {path} names GPU resource class {job.queue!r} but requests no "
             f"GPU; set resources.gpus or use queue \"{CPU_CLASS}\""
         )
+
+
+def complete_inputs(inputs: object, path: Path) -> list[dict[str, Any]]:
+    """Fill in sha256 and size of the inputs of the file at `path` that name a `file`."""
+    if not isinstance(inputs, list) or not all(isinstance(item, dict) for item in inputs):
+        raise ConfigError(f"invalid file {path}: write each input as an [[inputs]] table")
+    return [_complete_input(item, path.parent) for item in inputs]
 
 
 def _complete_input(item: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -62,6 +62,10 @@ class ErrorCode(StrEnum):
     # Outputs.
     MISSING_SCORES = "missing_scores"
     BAD_SCORES = "bad_scores"
+    MISSING_ARTIFACT = "missing_artifact"
+    ARTIFACTS_TOO_LARGE = "artifacts_too_large"
+    # A shard's predictions are invalid or do not cover its rectangle exactly once.
+    BAD_PREDICTIONS = "bad_predictions"
     # The platform ended the job.
     CANCELLED = "cancelled"
     DELIVERY_LIMIT = "delivery_limit"

@@ -37,12 +37,14 @@ from .models import (
 PREDICTIONS_ARTIFACT = "predictions.json"
 
 # Placeholders that the coordinator replaces in every word of a shard's command.
+# {attempt} is the shard job's attempt number, 1 for the first.
 SHARD_PLACEHOLDERS = (
     "{first_set}",
     "{sets}",
     "{first_experiment}",
     "{experiments}",
     "{base_seed}",
+    "{attempt}",
 )
 
 MAX_SETS = 100_000

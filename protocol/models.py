@@ -34,6 +34,14 @@ EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,12
 ScoreName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 # The UUID NVML reports for a GPU ("GPU-...") or a MIG device ("MIG-...").
 GpuUuid = Annotated[str, StringConstraints(max_length=128)]
+# A file name directly in a job's /output folder.
+ArtifactName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+
+# The maximum bytes of result artifacts, all files together, in one result.
+# A result envelope holds the artifacts base64-encoded inside a payload that is itself
+# base64-encoded, so 8 MiB of files take about 14.9 MB of the envelope's 16 MiB.
+MAX_ARTIFACT_BYTES = 8 * 1024 * 1024
+MAX_ARTIFACTS = 16
 
 MAX_LOG_TAIL_CHARS = 64 * 1024
 
@@ -180,6 +188,13 @@ class JobSpec(Model):
     network: Literal["none", "egress"] = "none"
     created_at: AwareDatetime
     expires_at: AwareDatetime
+    # Files of /output that the agent returns in the result, besides scores.json.
+    artifacts: Annotated[list[ArtifactName], Field(max_length=MAX_ARTIFACTS)] = []
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_artifacts(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Agents of the first release reject unknown fields.
+        return _omit_empty(handler(self), "artifacts")
 
 
 class CancelRequest(Model):
@@ -266,6 +281,16 @@ class Durations(Model):
     total_s: Annotated[float, Field(ge=0)] = 0.0
 
 
+class Artifact(Model):
+    """One output file returned in a result: its name in /output and its bytes."""
+
+    name: ArtifactName
+    sha256: Sha256Hex
+    size: Annotated[int, Field(ge=0, le=MAX_ARTIFACT_BYTES)]
+    # Base64 of the file's bytes.
+    data: Annotated[Base64Text, StringConstraints(max_length=(MAX_ARTIFACT_BYTES + 2) // 3 * 4)]
+
+
 class JobResult(Model):
     """The one final result of a job on an agent; `error` is set unless it succeeded.
 
@@ -293,6 +318,13 @@ class JobResult(Model):
     finished_at: AwareDatetime
     # UUIDs of the GPUs or MIG devices the job was given.
     gpus: Annotated[list[GpuUuid], Field(max_length=64)] = []
+    # The files the job's `artifacts` named, read from /output after the run.
+    artifacts: Annotated[list[Artifact], Field(max_length=MAX_ARTIFACTS)] = []
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_artifacts(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Coordinators of the first release reject unknown fields.
+        return _omit_empty(handler(self), "artifacts")
 
 
 # --- Agents ----------------------------------------------------------------------
@@ -415,6 +447,12 @@ class Heartbeat(Model):
     at: AwareDatetime
     capacity: ResourceAmounts | None = None
     free: ResourceAmounts | None = None
+
+
+def _omit_empty(data: Any, name: str) -> Any:
+    if isinstance(data, dict) and not data.get(name):
+        data.pop(name, None)
+    return data
 
 
 def utc_now() -> datetime:

@@ -2,11 +2,19 @@
 
 It writes an empty scores.json and reports exit code 0, so a job measures the cost
 of fairu itself: verify, parse, publish with a confirm, ack.
+
+One command is understood instead of being ignored, for benchmarks of sharded
+evaluations: `null-shard SECONDS FIRST_SET SETS FIRST_EXPERIMENT EXPERIMENTS` waits
+SECONDS and writes a predictions.json with one record per experiment of that
+rectangle, as an ingestion program would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from pathlib import Path
 
 from fairu.protocol.models import SandboxInfo
 
@@ -20,8 +28,16 @@ class NullRunner:
         return None
 
     async def run(self, spec: RunSpec) -> RunOutcome:
+        started = time.monotonic()
+        if spec.command[:1] == [SHARD_COMMAND]:
+            try:
+                seconds, *rectangle = (float(word) for word in spec.command[1:6])
+            except ValueError:
+                return _outcome(2, f"{SHARD_COMMAND}: expected five numbers\n", started)
+            await asyncio.sleep(seconds)
+            await asyncio.to_thread(_write_predictions, spec.output_dir, *map(int, rectangle))
         await asyncio.to_thread((spec.output_dir / "scores.json").write_text, "{}")
-        return RunOutcome(exit_code=0, timed_out=False, log_tail="", log_truncated=False, run_s=0.0)
+        return _outcome(0, "", started)
 
     async def describe_sandbox(self) -> SandboxInfo:
         # No job code runs, so there is nothing to confine.
@@ -40,3 +56,27 @@ class NullRunner:
 
     async def close(self) -> None:
         return None
+
+
+SHARD_COMMAND = "null-shard"
+
+
+def _outcome(exit_code: int, log: str, started: float) -> RunOutcome:
+    return RunOutcome(
+        exit_code=exit_code,
+        timed_out=False,
+        log_tail=log,
+        log_truncated=False,
+        run_s=time.monotonic() - started,
+    )
+
+
+def _write_predictions(
+    folder: Path, first_set: int, sets: int, first_experiment: int, experiments: int
+) -> None:
+    records = [
+        {"set": i, "experiment": j, "mu_hat": 1.0, "delta_mu_hat": 0.1, "p16": 0.9, "p84": 1.1}
+        for i in range(first_set, first_set + sets)
+        for j in range(first_experiment, first_experiment + experiments)
+    ]
+    (folder / "predictions.json").write_text(json.dumps(records))

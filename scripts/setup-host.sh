@@ -2,7 +2,9 @@
 # Prepare this host for fairu's agent and tests, as root. Safe to run again: every step
 # checks its state first and only acts when something is missing.
 #
-#   1. apt packages: podman, its rootless helpers and catatonit, debootstrap, curl, rabbitmq-server
+#   1. apt packages: podman, its rootless helpers and catatonit, debootstrap, curl,
+#      rabbitmq-server, and chromium, which the tests of the coordinator's web page drive
+#      headless
 #   2. the unprivileged user `fairu` with subordinate UID/GID ranges and podman config
 #   3. that user's podman API service on unix:///run/user/UID/podman/podman.sock
 #   4. the RabbitMQ node on 127.0.0.1:5672 with the rabbitmq_management plugin
@@ -10,7 +12,8 @@
 set -euo pipefail
 
 readonly FAIRU_USER=fairu
-readonly PACKAGES=(podman runc catatonit uidmap slirp4netns fuse-overlayfs debootstrap curl rabbitmq-server)
+readonly PACKAGES=(podman runc catatonit uidmap slirp4netns fuse-overlayfs debootstrap curl
+    rabbitmq-server chromium)
 readonly SERVICE_LOG=/var/log/fairu/podman-service.log
 readonly WAIT_PODMAN_S=30
 readonly WAIT_RABBITMQ_S=90

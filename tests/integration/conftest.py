@@ -38,6 +38,7 @@ from fairu.protocol.signing import (
     sign_model,
 )
 from fairu.protocol.topology import (
+    EVENTS_EXCHANGE,
     JOBS_EXCHANGE,
     RESULTS_EXCHANGE,
     job_queue_name,
@@ -480,3 +481,30 @@ def start_private_agent(
         )
 
     return start
+
+
+@pytest.fixture
+async def coordinator_queues(amqp: AmqpSession) -> AsyncIterator[Any]:
+    """Private copies of the coordinator's records and heartbeat queues.
+
+    A coordinator reading them takes no result meant for another test run on the
+    same broker, and reads no dead letters.
+    """
+    from fairu.broker.coordinator import CoordinatorQueues
+
+    marker = uuid.uuid4().hex[:8]
+    made = CoordinatorQueues(
+        records=f"fairu-tests.records-{marker}",
+        heartbeats=f"fairu-tests.heartbeats-{marker}",
+        dead_letters=None,
+    )
+    expiring = {"x-expires": 15 * 60 * 1000}
+    for name in (made.records, made.heartbeats):
+        await amqp.declare_queue(name, durable=False, arguments=expiring)
+    await amqp.bind(made.records, RESULTS_EXCHANGE, "result.#")
+    await amqp.bind(made.records, EVENTS_EXCHANGE, "agent.registration.#")
+    await amqp.bind(made.heartbeats, EVENTS_EXCHANGE, "agent.heartbeat.#")
+    yield made
+    if amqp.is_open:
+        for name in (made.records, made.heartbeats):
+            await amqp.delete_queue(name)

@@ -227,6 +227,46 @@ def test_set_range_matches_full_run(data_dirs, full_run, tmp_path):
     assert subset == expected
 
 
+def test_base_seed_of_settings_is_the_default(data_dirs, full_run, tmp_path):
+    input_dir, _ = data_dirs
+    seed = make_data.DEFAULT_SETTINGS["base_seed"]
+
+    same = ingestion.run_ingestion(
+        input_dir, str(SAMPLE_SUBMISSION), str(tmp_path), base_seed=seed
+    )
+
+    assert same == full_run
+
+
+def test_base_seed_option_replaces_settings_seed(data_dirs, full_run, tmp_path):
+    input_dir, _ = data_dirs
+    seed = make_data.DEFAULT_SETTINGS["base_seed"] + 1
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    settings = json.loads((Path(input_dir) / "settings.json").read_text())
+    (edited / "settings.json").write_text(json.dumps(dict(settings, base_seed=seed)))
+    (edited / "train.npz").symlink_to(Path(input_dir) / "train.npz")
+
+    reseeded = ingestion.run_ingestion(
+        input_dir, str(SAMPLE_SUBMISSION), str(tmp_path / "a"), base_seed=seed
+    )
+    from_settings = ingestion.run_ingestion(
+        str(edited), str(SAMPLE_SUBMISSION), str(tmp_path / "b")
+    )
+
+    assert reseeded == from_settings
+    assert reseeded != full_run
+
+
+def test_base_seed_option_rejects_negative(data_dirs, tmp_path):
+    input_dir, _ = data_dirs
+
+    with pytest.raises(ingestion.IngestionError, match="--base-seed -1"):
+        ingestion.run_ingestion(
+            input_dir, str(SAMPLE_SUBMISSION), str(tmp_path), base_seed=-1
+        )
+
+
 def test_predictions_file_matches_records(data_dirs, full_run, tmp_path):
     input_dir, _ = data_dirs
     records = ingestion.run_ingestion(

@@ -340,13 +340,19 @@ def run_ingestion(
     sets=None,
     first_experiment=0,
     experiments=None,
+    base_seed=None,
 ):
     """Train the submission's model, predict the selected experiments, write them.
 
     sets and experiments are counts that default to the rest of the settings'
-    range. Returns the list of prediction records in (set, experiment) order.
+    range. base_seed, when given, replaces the settings' base_seed. Returns the
+    list of prediction records in (set, experiment) order.
     """
     settings = load_settings(input_dir)
+    if base_seed is not None:
+        if base_seed < 0:
+            raise IngestionError(f"--base-seed {base_seed} must be a non-negative integer")
+        settings["base_seed"] = base_seed
     first_set, sets = resolve_range("set", first_set, sets, settings["num_sets"])
     first_experiment, experiments = resolve_range(
         "experiment", first_experiment, experiments, settings["experiments_per_set"]
@@ -435,6 +441,13 @@ def parse_args(argv):
         default=None,
         help="number of experiments per set to run (default: the rest)",
     )
+    parser.add_argument(
+        "--base-seed",
+        type=int,
+        default=None,
+        help="seed of the training set, the true mu and the pseudo-experiments "
+        "(default: base_seed of settings.json)",
+    )
     return parser.parse_args(argv)
 
 
@@ -452,6 +465,7 @@ def main(argv=None):
             sets=args.sets,
             first_experiment=args.first_experiment,
             experiments=args.experiments,
+            base_seed=args.base_seed,
         )
     except IngestionError as error:
         LOG.error("%s", error)
