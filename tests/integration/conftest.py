@@ -503,6 +503,7 @@ async def coordinator_queues(amqp: AmqpSession) -> AsyncIterator[Any]:
         await amqp.declare_queue(name, durable=False, arguments=expiring)
     await amqp.bind(made.records, RESULTS_EXCHANGE, "result.#")
     await amqp.bind(made.records, EVENTS_EXCHANGE, "agent.registration.#")
+    await amqp.bind(made.records, EVENTS_EXCHANGE, "agent.lease.#")
     await amqp.bind(made.heartbeats, EVENTS_EXCHANGE, "agent.heartbeat.#")
     yield made
     if amqp.is_open:

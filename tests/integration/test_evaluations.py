@@ -27,7 +27,6 @@ from fairu.broker.keys import KeyFolder
 from fairu.broker.store import Store
 from fairu.protocol.evaluation import EvaluationRequest, EvaluationState, ScoringProgram
 from fairu.protocol.models import InputSpec, Resources, utc_now
-from fairu.protocol.topology import EVENTS_EXCHANGE, RESULTS_EXCHANGE
 
 pytestmark = [pytest.mark.broker, pytest.mark.podman]
 
@@ -65,26 +64,6 @@ class Setup:
         return self.keys.sign(request)
 
 
-@pytest.fixture
-async def queues(amqp: Any) -> AsyncIterator[CoordinatorQueues]:
-    marker = uuid.uuid4().hex[:8]
-    made = CoordinatorQueues(
-        records=f"fairu-tests.records-{marker}",
-        heartbeats=f"fairu-tests.heartbeats-{marker}",
-        dead_letters=None,
-    )
-    expiring = {"x-expires": 15 * 60 * 1000}
-    for name in (made.records, made.heartbeats):
-        await amqp.declare_queue(name, durable=False, arguments=expiring)
-    await amqp.bind(made.records, RESULTS_EXCHANGE, "result.#")
-    await amqp.bind(made.records, EVENTS_EXCHANGE, "agent.registration.#")
-    await amqp.bind(made.heartbeats, EVENTS_EXCHANGE, "agent.heartbeat.#")
-    yield made
-    if amqp.is_open:
-        for name in (made.records, made.heartbeats):
-            await amqp.delete_queue(name)
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     builder = _load("evaluation_build_bundles", "build_bundles.py")
@@ -95,7 +74,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 async def setup(
     broker_url: str,
     tmp_path: Path,
-    queues: CoordinatorQueues,
+    coordinator_queues: CoordinatorQueues,
     competition: Any,
     artifact_server: Any,
     bundles: list[dict[str, Any]],
@@ -148,7 +127,7 @@ async def setup(
         )
         holder["current"] = evaluations
         coordinator = Coordinator(
-            broker_url, store, queues=queues, evaluations=evaluations
+            broker_url, store, queues=coordinator_queues, evaluations=evaluations
         )
         task = asyncio.create_task(coordinator.run())
         running.append((coordinator, task, store))
