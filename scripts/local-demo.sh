@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Run the main job on the local setup: RabbitMQ, the artifact server and one agent on
-# this machine evaluate the HiggsML demo's sample submission in rootless podman,
-# and the score is printed next to the one computed directly on the host.
+# Run the main job on the local setup: RabbitMQ, the artifact server, the coordinator
+# and one agent on this machine evaluate the HiggsML demo's sample submission in
+# rootless podman, first as one job and then as a sharded evaluation of 12 shard
+# jobs pooled by the coordinator. Both scores are printed next to the one computed
+# directly on the host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -40,7 +42,9 @@ echo "== starting the artifact server (log: $logs/artifacts.log)"
 "$bin/fairu-artifacts" --root "$example/dist" --port 8470 >"$logs/artifacts.log" 2>&1 &
 pids+=($!)
 echo "== starting the coordinator (log: $logs/coordinator.log)"
-"$bin/fairu-coordinator" --db /var/lib/fairu/coordinator.sqlite \
+# The key folder's job-signing key also signs the coordinator's shard jobs.
+"$bin/fairu-coordinator" --db /var/lib/fairu/coordinator.sqlite --keys-dir "$keys" \
+    --http 127.0.0.1:8480 --public-url http://127.0.0.1:8480 \
     >"$logs/coordinator.log" 2>&1 &
 pids+=($!)
 # The demo approves its own agent with a one-time enrollment token.
@@ -92,6 +96,12 @@ if [ "$recorded" != yes ]; then
     echo "the coordinator recorded no result for $job_id; see $logs/coordinator.log" >&2
     exit 1
 fi
+
+echo "== the same submission as a sharded evaluation (page: http://127.0.0.1:8480/)"
+evaluation_id="demo-eval-$(date +%Y%m%d-%H%M%S)"
+"$bin/fairu-admin" evaluate "$example/evaluation.toml" --evaluation-id "$evaluation_id" \
+    --coordinator http://127.0.0.1:8480 --wait
+"$bin/fairu-admin" evaluations show "$evaluation_id" --coordinator http://127.0.0.1:8480
 
 echo "== the same predictions scored directly on this host"
 "$bin/python" - "$example" <<'PY'
