@@ -838,14 +838,16 @@ class Agent:
         }
 
     async def _heartbeat_loop(self, session: AmqpSession) -> None:
+        # Heartbeats go on while the agent drains, because they renew the leases of
+        # the jobs that still run; `_shutdown` cancels this task after the drain.
         interval = self.config.agent.heartbeat_interval_s
-        while session.is_open and not self._stop.requested.is_set():
+        while session.is_open:
             try:
                 await self._publish_heartbeat(session)
             except SessionError as exc:
                 logger.warning("agent %s heartbeat not sent: %s", self.agent_id, exc)
                 return
-            await self._sleep_unless_stopped(interval)
+            await asyncio.sleep(interval)
 
 
 def _payload_bytes(envelope: Envelope) -> bytes:

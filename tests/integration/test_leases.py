@@ -323,3 +323,32 @@ async def test_unroutable_claim_runs_unacked(
     assert f"could not claim job {job.job_id}" in agent.log()
     assert "running it with its delivery unacked" in agent.log()
     assert f"claimed job {job.job_id}" not in agent.log()
+
+
+async def test_drain_longer_than_ttl_keeps_lease(
+    private_broker,
+    private_coordinator,
+    private_competition,
+    start_private_agent,
+    private_publish,
+    make_job,
+    signing_key,
+):
+    # A grace far longer than the 12 s lease TTL: heartbeats must go on renewing the
+    # lease while the agent drains, or the coordinator queues a second copy.
+    agent = await asyncio.to_thread(
+        start_private_agent, private_competition, stop_grace_s=120
+    )
+    job = make_job(private_competition, command=sleeping_command(30))
+    await private_publish(private_competition, signing_key.sign(job))
+    await wait_for(lambda: started_line(job.job_id) in agent.log(), 120, "the run")
+
+    assert await asyncio.to_thread(agent.stop, 15, 150) == 0
+
+    stored = await recorded_once(
+        private_coordinator, private_broker, private_competition, job.job_id
+    )
+    assert stored.status == "succeeded"
+    assert stored.agent_id == agent.agent_id
+    assert f"handing job {job.job_id} back" not in agent.log()
+    assert private_coordinator.store.audit_count(job.job_id) == 0
