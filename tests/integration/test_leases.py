@@ -255,6 +255,11 @@ async def test_lease_expiry_limit_fails_job(
     await session.open()
     client = ClaimingClient(session, private_competition)
     await client.register()
+    # The coordinator stores lease events of approved agents only.
+    await wait_for(
+        lambda: private_coordinator.store.agent_key(client.agent_id), 30, "the registration"
+    )
+    assert private_coordinator.store.set_approval(client.agent_id, "approved")
     job = make_job(private_competition)
     body = signing_key.sign(job)
     claims: list[asyncio.Task[None]] = []
