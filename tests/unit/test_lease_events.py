@@ -169,3 +169,24 @@ async def test_claim_routing_key_must_match_job(coordinator):
         )
 
     assert coordinator.store.lease(job.job_id) is None
+
+
+def test_finished_leases_dropped_by_key(tmp_path):
+    store = Store(tmp_path / "coordinator.sqlite")
+    for job_id in ("job-done", "job-running"):
+        store.claim_lease(job_id, "test-a", "job.mine.cpu", b"message", 60, 0.0)
+    assert store.record_result("job-done", "test-a", "test", "succeeded", {}, b"result")
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+
+    assert store.drop_finished_leases() == 1
+
+    store._db.set_trace_callback(None)
+    assert store.lease("job-done") is None
+    assert store.lease("job-running") is not None
+    # The sweep runs this every second, so it must look results up by key instead
+    # of reading every recorded result.
+    (delete,) = [text for text in statements if text.startswith("DELETE")]
+    plan = " | ".join(row[3] for row in store._db.execute(f"EXPLAIN QUERY PLAN {delete}"))
+    assert "SEARCH results" in plan, plan
+    store.close()
