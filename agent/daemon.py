@@ -605,6 +605,9 @@ class Agent:
             "acking the copy", job_id,
         )
         try:
+            # NOTE: a failed claim drops the stored claim, although the job still runs
+            # under its first one, so a restart after this no longer releases the job
+            # and the coordinator queues it only when its lease expires.
             await self.leases.claim(session, running.claim)
         except SessionError as exc:
             logger.warning(
