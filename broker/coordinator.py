@@ -326,9 +326,9 @@ class Coordinator:
         if approval != "approved":
             raise RejectedError(
                 ErrorCode.UNKNOWN_KEY,
-                f"{event.action.value} of job {event.job_id} from agent {event.agent_id}, "
-                f"which is {approval}, not approved; approve it with `fairu-admin agents "
-                "approve` before it takes jobs",
+                f"{event.action.value} of job {event.job_id} from agent "
+                f"{event.agent_id}, which is {approval}, not approved; approve it with "
+                "`fairu-admin agents approve` before it takes jobs",
             )
         await self.leases.handle(event)
 

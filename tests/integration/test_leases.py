@@ -265,7 +265,9 @@ async def test_lease_expiry_limit_fails_job(
     await client.register()
     # The coordinator stores lease events of approved agents only.
     await wait_for(
-        lambda: private_coordinator.store.agent_key(client.agent_id), 30, "the registration"
+        lambda: private_coordinator.store.agent_key(client.agent_id),
+        30,
+        "the registration",
     )
     assert private_coordinator.store.set_approval(client.agent_id, "approved")
     job = make_job(private_competition)
@@ -383,10 +385,14 @@ async def test_lease_expires_after_coordinator_restart(
     first_id = first.agent_id
     job = make_job(private_competition, command=sleeping_command(10))
     await private_publish(private_competition, signing_key.sign(job))
-    await wait_for(lambda: started_line(job.job_id) in first.log(), 120, "the first run")
+    await wait_for(
+        lambda: started_line(job.job_id) in first.log(), 120, "the first run"
+    )
 
     private_coordinator.stopping.set()
-    await wait_for(lambda: "coordinator stopped" in caplog.text, 60, "the coordinator stop")
+    await wait_for(
+        lambda: "coordinator stopped" in caplog.text, 60, "the coordinator stop"
+    )
     first.kill()
     # Longer than the 12 s TTL: the lease has lapsed on the coordinator's clock by
     # the time it starts again, and it must extend the lease instead of acting on it.
@@ -395,7 +401,9 @@ async def test_lease_expires_after_coordinator_restart(
     serving = asyncio.create_task(restarted.run())
     try:
         await wait_for(
-            lambda: "coordinator extended 1 held leases" in caplog.text, 60, "the restart"
+            lambda: "coordinator extended 1 held leases" in caplog.text,
+            60,
+            "the restart",
         )
         second = await asyncio.to_thread(start_private_agent, private_competition)
         stored = await recorded_once(
@@ -405,7 +413,8 @@ async def test_lease_expires_after_coordinator_restart(
         assert stored.status == "succeeded"
         assert restarted.store.audit_count(job.job_id) == 0
         assert second.log().count(started_line(job.job_id)) == 1
-        assert f"lease of job {job.job_id} held by agent {first_id} expired" in caplog.text
+        expired = f"lease of job {job.job_id} held by agent {first_id} expired"
+        assert expired in caplog.text
     finally:
         restarted.stopping.set()
         await asyncio.wait_for(serving, 60)

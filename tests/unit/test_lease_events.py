@@ -187,6 +187,7 @@ def test_finished_leases_dropped_by_key(tmp_path):
     # The sweep runs this every second, so it must look results up by key instead
     # of reading every recorded result.
     (delete,) = [text for text in statements if text.startswith("DELETE")]
-    plan = " | ".join(row[3] for row in store._db.execute(f"EXPLAIN QUERY PLAN {delete}"))
+    rows = store._db.execute(f"EXPLAIN QUERY PLAN {delete}").fetchall()
+    plan = " | ".join(row[3] for row in rows)
     assert "SEARCH results" in plan, plan
     store.close()
