@@ -606,6 +606,9 @@ class Agent:
             "acking the copy", job_id,
         )
         try:
+            # NOTE: a failed claim drops the stored claim, although the job still runs
+            # under its first one, so a restart after this no longer releases the job
+            # and the coordinator queues it only when its lease expires.
             await self.leases.claim(session, running.claim)
         except SessionError as exc:
             logger.warning(
@@ -839,14 +842,16 @@ class Agent:
         }
 
     async def _heartbeat_loop(self, session: AmqpSession) -> None:
+        # Heartbeats go on while the agent drains, because they renew the leases of
+        # the jobs that still run; `_shutdown` cancels this task after the drain.
         interval = self.config.agent.heartbeat_interval_s
-        while session.is_open and not self._stop.requested.is_set():
+        while session.is_open:
             try:
                 await self._publish_heartbeat(session)
             except SessionError as exc:
                 logger.warning("agent %s heartbeat not sent: %s", self.agent_id, exc)
                 return
-            await self._sleep_unless_stopped(interval)
+            await asyncio.sleep(interval)
 
 
 def _payload_bytes(envelope: Envelope) -> bytes:

@@ -354,6 +354,17 @@ class Coordinator:
         payload = verify_envelope(envelope, {envelope.key_id: key})
         event = parse_payload(payload, LeaseEvent)
         _check_sender(envelope.key_id, event.agent_id)
+        # A stored lease makes this coordinator publish the event's job message,
+        # unverified, to fairu.jobs. Only approved agents may do that, as only their
+        # results are recorded.
+        approval = await asyncio.to_thread(self.store.approval, event.agent_id)
+        if approval != "approved":
+            raise RejectedError(
+                ErrorCode.UNKNOWN_KEY,
+                f"{event.action.value} of job {event.job_id} from agent "
+                f"{event.agent_id}, which is {approval}, not approved; approve it with "
+                "`fairu-admin agents approve` before it takes jobs",
+            )
         await self.leases.handle(event)
 
     async def _caught_up(self, session: AmqpSession) -> bool:

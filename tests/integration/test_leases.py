@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import subprocess
 import sys
 import uuid
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from fairu.agent.session import AmqpSession, Delivery
+from fairu.broker.coordinator import Coordinator
 from fairu.protocol.models import (
     JobState,
     LeaseAction,
@@ -39,7 +41,13 @@ from fairu.protocol.topology import (
     registration_routing_key,
 )
 
-from .test_faults import recorded_once, sleeping_command, started_line, wait_for
+from .test_faults import (
+    recorded_once,
+    remove_agent_containers,
+    sleeping_command,
+    started_line,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.podman]
 
@@ -255,6 +263,13 @@ async def test_lease_expiry_limit_fails_job(
     await session.open()
     client = ClaimingClient(session, private_competition)
     await client.register()
+    # The coordinator stores lease events of approved agents only.
+    await wait_for(
+        lambda: private_coordinator.store.agent_key(client.agent_id),
+        30,
+        "the registration",
+    )
+    assert private_coordinator.store.set_approval(client.agent_id, "approved")
     job = make_job(private_competition)
     body = signing_key.sign(job)
     claims: list[asyncio.Task[None]] = []
@@ -323,3 +338,84 @@ async def test_unroutable_claim_runs_unacked(
     assert f"could not claim job {job.job_id}" in agent.log()
     assert "running it with its delivery unacked" in agent.log()
     assert f"claimed job {job.job_id}" not in agent.log()
+
+
+async def test_drain_longer_than_ttl_keeps_lease(
+    private_broker,
+    private_coordinator,
+    private_competition,
+    start_private_agent,
+    private_publish,
+    make_job,
+    signing_key,
+):
+    # A grace far longer than the 12 s lease TTL: heartbeats must go on renewing the
+    # lease while the agent drains, or the coordinator queues a second copy.
+    agent = await asyncio.to_thread(
+        start_private_agent, private_competition, stop_grace_s=120
+    )
+    job = make_job(private_competition, command=sleeping_command(30))
+    await private_publish(private_competition, signing_key.sign(job))
+    await wait_for(lambda: started_line(job.job_id) in agent.log(), 120, "the run")
+
+    assert await asyncio.to_thread(agent.stop, 15, 150) == 0
+
+    stored = await recorded_once(
+        private_coordinator, private_broker, private_competition, job.job_id
+    )
+    assert stored.status == "succeeded"
+    assert stored.agent_id == agent.agent_id
+    assert f"handing job {job.job_id} back" not in agent.log()
+    assert private_coordinator.store.audit_count(job.job_id) == 0
+
+
+async def test_lease_expires_after_coordinator_restart(
+    caplog,
+    private_broker,
+    private_coordinator,
+    private_competition,
+    start_private_agent,
+    private_publish,
+    make_job,
+    signing_key,
+    podman_socket,
+):
+    caplog.set_level(logging.INFO, logger="fairu.broker")
+    first = await asyncio.to_thread(start_private_agent, private_competition)
+    first_id = first.agent_id
+    job = make_job(private_competition, command=sleeping_command(10))
+    await private_publish(private_competition, signing_key.sign(job))
+    await wait_for(
+        lambda: started_line(job.job_id) in first.log(), 120, "the first run"
+    )
+
+    private_coordinator.stopping.set()
+    await wait_for(
+        lambda: "coordinator stopped" in caplog.text, 60, "the coordinator stop"
+    )
+    first.kill()
+    # Longer than the 12 s TTL: the lease has lapsed on the coordinator's clock by
+    # the time it starts again, and it must extend the lease instead of acting on it.
+    await asyncio.sleep(15)
+    restarted = Coordinator(private_broker.url, private_coordinator.store)
+    serving = asyncio.create_task(restarted.run())
+    try:
+        await wait_for(
+            lambda: "coordinator extended 1 held leases" in caplog.text,
+            60,
+            "the restart",
+        )
+        second = await asyncio.to_thread(start_private_agent, private_competition)
+        stored = await recorded_once(
+            restarted, private_broker, private_competition, job.job_id
+        )
+        assert stored.agent_id == second.agent_id
+        assert stored.status == "succeeded"
+        assert restarted.store.audit_count(job.job_id) == 0
+        assert second.log().count(started_line(job.job_id)) == 1
+        expired = f"lease of job {job.job_id} held by agent {first_id} expired"
+        assert expired in caplog.text
+    finally:
+        restarted.stopping.set()
+        await asyncio.wait_for(serving, 60)
+        await asyncio.to_thread(remove_agent_containers, podman_socket, first_id)
