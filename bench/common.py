@@ -23,7 +23,7 @@ from pathlib import Path
 import pika
 import psutil
 
-from fairu.protocol.models import JobSpec, utc_now
+from fairu.protocol.models import JobSpec, Resources, utc_now
 from fairu.protocol.signing import generate_private_key, public_key_text, sign_model
 from fairu.protocol.topology import job_queue_arguments
 
@@ -154,7 +154,18 @@ def make_signing_key() -> SigningKey:
     return SigningKey(key, public_key_text(key.public_key()))
 
 
-def build_job(competition: str, queue: str, job_id: str, command: list[str]) -> JobSpec:
+# The resources of a null-runner job, small enough that 64 of them fit the admission
+# of a 2-core machine at once. The null runner starts no container to use them.
+NOOP_RESOURCES = Resources(cpus=0.01, memory_mb=1)
+
+
+def build_job(
+    competition: str,
+    queue: str,
+    job_id: str,
+    command: list[str],
+    resources: Resources | None = None,
+) -> JobSpec:
     now = utc_now()
     return JobSpec(
         job_id=job_id,
@@ -165,17 +176,25 @@ def build_job(competition: str, queue: str, job_id: str, command: list[str]) -> 
         command=command,
         created_at=now,
         expires_at=now + timedelta(hours=2),
+        resources=resources or Resources(),
     )
 
 
 def signed_fairu_messages(
-    key: SigningKey, competition: str, queue: str, count: int, command: list[str], tag: str
+    key: SigningKey,
+    competition: str,
+    queue: str,
+    count: int,
+    command: list[str],
+    tag: str,
+    resources: Resources | None = None,
 ) -> list[BenchMessage]:
     """Sign `count` jobs ahead of time, so signing stays out of the timed region."""
     messages = []
     for index in range(count):
         job_id = f"{tag}-{index:05d}"
-        body = sign_model(build_job(competition, queue, job_id, command), key.private)
+        job = build_job(competition, queue, job_id, command, resources)
+        body = sign_model(job, key.private)
         messages.append(BenchMessage(job_id, body, persistent_properties(job_id)))
     return messages
 

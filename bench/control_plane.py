@@ -105,7 +105,9 @@ def fairu_system(
     )
 
     def make_messages(count: int, tag: str) -> list[common.BenchMessage]:
-        return common.signed_fairu_messages(key, competition, queue, count, JOB_COMMAND, tag)
+        return common.signed_fairu_messages(
+            key, competition, queue, count, JOB_COMMAND, tag, common.NOOP_RESOURCES
+        )
 
     return System(
         name, "fairu", JOBS_EXCHANGE, job_routing_key(competition, queue), make_messages,
@@ -148,7 +150,9 @@ def celery_system(
         messages = []
         for number in range(count):
             job_id = f"{tag}-{number:05d}"
-            job = common.build_job("celery", "cpu", job_id, JOB_COMMAND)
+            job = common.build_job(
+                "celery", "cpu", job_id, JOB_COMMAND, common.NOOP_RESOURCES
+            )
             # Celery's own message builder, so the worker reads a regular task message.
             task = celery_app.app.amqp.as_task_v2(
                 job_id, celery_app.TASK_NAME, args=(job.model_dump(mode="json"),)
@@ -240,7 +244,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--fairu-skip", action="append", default=[], metavar="STEPS",
         help="also run an agent with the first slot count that leaves out these steps "
-        "(status, spool, record; comma separated), to measure what they cost; repeatable",
+        "(status, record; comma separated), to measure what they cost; repeatable",
     )
     parser.add_argument(
         "--trace-agent", action="store_true",
