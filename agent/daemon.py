@@ -15,12 +15,11 @@ import logging
 import random
 import signal
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
-
-import aiohttp
 
 from fairu import __version__
 from fairu.protocol.errors import ErrorCode, RejectedError
@@ -195,9 +194,9 @@ class Agent:
         if removed:
             logger.warning("agent %s removed %d containers left from before", self.agent_id, removed)
 
-        async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
-        ) as http:
+        async with aclosing(
+            InputCache(self.state.cache, self.config.inputs.unpack_limits())
+        ) as cache:
             self._pipeline = JobPipeline(
                 PipelineSettings(
                     site=self.config.site.name,
@@ -208,7 +207,7 @@ class Agent:
                 self.trust,
                 self.config.policy,
                 self.state,
-                InputCache(self.state.cache, http, self.config.inputs.unpack_limits()),
+                cache,
                 self.runner,
                 self,
             )
