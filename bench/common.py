@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -520,6 +521,26 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def bootstrap_interval(
+    pairs: Sequence[tuple[float, float]],
+    statistic: Callable[[Sequence[tuple[float, float]]], float],
+    confidence: float = 0.95,
+    resamples: int = 4000,
+    seed: int = 1,
+) -> tuple[float, float]:
+    """Return a percentile bootstrap confidence interval of `statistic` over `pairs`.
+
+    Pairs are resampled whole, so the load that two neighbouring runs shared stays
+    with them. The seed is fixed, so one set of pairs always gives one interval.
+    """
+    generator = random.Random(seed)
+    estimates = sorted(
+        statistic(generator.choices(pairs, k=len(pairs))) for _ in range(resamples)
+    )
+    tail = (1 - confidence) / 2
+    return percentile(estimates, tail), percentile(estimates, 1 - tail)
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
