@@ -450,6 +450,23 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
+def package_tree(checkout: Path, folder: Path) -> Path:
+    """Lay out a fairu checkout as an importable `fairu` package under `folder`.
+
+    The repository's top-level folders are the package's subpackages (see
+    pyproject.toml), so a folder for PYTHONPATH needs links with the package names.
+    Return that folder, which comes before the installed fairu on the import path.
+    """
+    root = folder / f"tree-{checkout.name}"
+    package = root / "fairu"
+    package.mkdir(parents=True)
+    for entry in (checkout / "fairu").iterdir():
+        (package / entry.name).symlink_to(entry.resolve())
+    for name in ("agent", "broker", "protocol", "runners"):
+        (package / name).symlink_to((checkout / name).resolve())
+    return root
+
+
 def fairu_agent_argv(config: Path, log_level: str = "INFO") -> list[str]:
     return [
         sys.executable, str(BENCH_DIR / "fairu_agent.py"), "start", "--config", str(config),

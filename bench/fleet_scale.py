@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -289,6 +290,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=20.0, help="seconds before measuring")
     parser.add_argument("--window", type=float, default=60.0, help="seconds measured")
     parser.add_argument("--poll-ms", type=float, default=20.0, help="fleet view poll period")
+    parser.add_argument(
+        "--fairu-tree", type=Path, metavar="FOLDER",
+        help="run the coordinator from this checkout of fairu instead of the installed "
+        "one, to measure another version on the same machine",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder and logs")
     parser.add_argument("--simulate", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -313,6 +319,9 @@ def run(args: argparse.Namespace) -> int:
             sys.executable, str(common.BENCH_DIR / "fairu_coordinator.py"), str(database),
             args.broker, records, heartbeats,
         ]
+        if args.fairu_tree is not None:
+            tree = common.package_tree(args.fairu_tree, folder)
+            coordinator.env = {**os.environ, "PYTHONPATH": str(tree)}
         coordinator.start("coordinator serving")
         with open(folder / "simulator.log", "w") as log:
             simulator = subprocess.Popen(
@@ -352,8 +361,11 @@ def report(args: argparse.Namespace, window: Window, list_s: float, live: int) -
     print(
         f"\n{args.agents} agents, a heartbeat each every {args.interval:g} s ({rate:.0f}/s) "
         f"over {args.connections} connections; {window.wall_s:.0f} s measured after "
-        f"{args.warmup:.0f} s of warm-up; fleet view polled every {args.poll_ms:g} ms\n"
+        f"{args.warmup:.0f} s of warm-up; fleet view polled every {args.poll_ms:g} ms"
     )
+    if args.fairu_tree is not None:
+        print(f"coordinator from {args.fairu_tree}")
+    print()
     common.print_table(
         ["figure", "value"],
         [
