@@ -15,6 +15,7 @@ seconds on a loaded disk, so the interval says whether a run can show the target
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pwd
 import re
@@ -45,6 +46,15 @@ PHASE_MARKS = [
     ("removed container", "sign, record, publish"),
     ("finished: ", None),
 ]
+# The podman-py calls that are requests to the podman service, as the stage trace
+# names them. The agent's own time is the rest of a job's delivery-to-ack time.
+PODMAN_REQUESTS = {
+    "thread CreateMixin.create",
+    "thread Container.start",
+    "thread PodmanResource.reload",
+    "thread Container.kill",
+    "thread Container.remove",
+}
 LOG_LINE = re.compile(r"^(\S+ \S+) \S+\s+\S+: job (\S+?):? (.*)$")
 
 
@@ -173,6 +183,7 @@ def main() -> int:
         agent.stop()
         report(args, agent_times, podman_times, agent.log())
         common.print_stage_times("fairu-agent", trace_path)
+        report_own_time(trace_path, common.median(podman_times))
     finally:
         if agent is not None:
             agent.stop()
@@ -229,6 +240,32 @@ def report(
             ["phase", "median ms"],
             [[name, f"{common.median(values):.0f}"] for name, values in phases.items()],
         )
+
+
+def report_own_time(trace_path: Path, podman_median_s: float) -> None:
+    """Print the agent's mean time per job outside podman requests.
+
+    This part does not depend on how long podman takes to create a container, so it
+    is steadier than the ratio. The podman CLI makes the same create, start and
+    remove requests, and waits on the container where the agent polls it.
+    """
+    if not trace_path.exists():
+        return
+    stages = json.loads(trace_path.read_text())
+    job = stages.get("job, delivery to ack")
+    if not job:
+        return
+    requests_ms = sum(
+        values["count"] * values["mean_ms"]
+        for stage, values in stages.items()
+        if stage in PODMAN_REQUESTS
+    ) / job["count"]
+    own_ms = job["mean_ms"] - requests_ms
+    print(
+        f"\nagent time per job outside podman requests: {own_ms:.0f} ms of "
+        f"{job['mean_ms']:.0f} ms (mean), {own_ms / (podman_median_s * 1000):.1%} of "
+        "the median `podman run`"
+    )
 
 
 def _with_interval(
