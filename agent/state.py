@@ -112,9 +112,11 @@ class StateDir:
         self._db.commit()
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        # The lock waits out a group commit still running in its thread.
+        with self._db_lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     # --- process id ---------------------------------------------------------------
 

@@ -200,23 +200,29 @@ class Store:
         """
         with self._lock:
             self._db.execute("PRAGMA synchronous = NORMAL")
-            cursor = self._db.execute(
-                "UPDATE agents SET state = ?, free_slots = ?, running_jobs = ?,"
-                " last_seen = ?, capacity = COALESCE(?, capacity),"
-                " free = COALESCE(?, free),"
-                " liveness = 'live' WHERE agent_id = ?",
-                (
-                    state,
-                    free_slots,
-                    json.dumps(running_jobs),
-                    at,
-                    json.dumps(capacity) if capacity is not None else None,
-                    json.dumps(free) if free is not None else None,
-                    agent_id,
-                ),
-            )
-            self._db.commit()
-            self._db.execute("PRAGMA synchronous = FULL")
+            try:
+                cursor = self._db.execute(
+                    "UPDATE agents SET state = ?, free_slots = ?, running_jobs = ?,"
+                    " last_seen = ?, capacity = COALESCE(?, capacity),"
+                    " free = COALESCE(?, free),"
+                    " liveness = 'live' WHERE agent_id = ?",
+                    (
+                        state,
+                        free_slots,
+                        json.dumps(running_jobs),
+                        at,
+                        json.dumps(capacity) if capacity is not None else None,
+                        json.dumps(free) if free is not None else None,
+                        agent_id,
+                    ),
+                )
+                self._db.commit()
+            except BaseException:
+                self._db.rollback()
+                raise
+            finally:
+                # Every other write of the store waits for the disk.
+                self._db.execute("PRAGMA synchronous = FULL")
         return cursor.rowcount == 1
 
     def agents(self, now: datetime | None = None) -> list[dict[str, object]]:
