@@ -15,12 +15,11 @@ import logging
 import random
 import signal
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
-
-import aiohttp
 
 from fairu import __version__
 from fairu.protocol.errors import ErrorCode, RejectedError
@@ -133,9 +132,10 @@ class Agent:
         self._stop = _Stop()
         self._abandon_publishing = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        # Spool files that a publish_result call is still publishing. The spool flush
-        # after a reconnect skips them, so that no result goes out twice.
-        self._publishing: set[Path] = set()
+        # Spool files, and job ids of recorded results, that a publish_result call is
+        # still publishing. The spool flush after a reconnect skips them, so that no
+        # result goes out twice.
+        self._publishing: set[Path | str] = set()
         self._pipeline: JobPipeline | None = None
         self.trust: TrustStore | None = None
         # Job ids that a cancel request named, with its reason.
@@ -209,9 +209,9 @@ class Agent:
         if removed:
             logger.warning("agent %s removed %d containers left from before", self.agent_id, removed)
 
-        async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
-        ) as http:
+        async with aclosing(
+            InputCache(self.state.cache, self.config.inputs.unpack_limits())
+        ) as cache:
             self._pipeline = JobPipeline(
                 PipelineSettings(
                     site=self.config.site.name,
@@ -223,7 +223,7 @@ class Agent:
                 self.trust,
                 self.config.policy,
                 self.state,
-                InputCache(self.state.cache, http, self.config.inputs.unpack_limits()),
+                cache,
                 self.runner,
                 self,
             )
@@ -720,33 +720,42 @@ class Agent:
 
     # --- publishing (the pipeline's `Publisher`) --------------------------------
 
-    async def publish_status(self, event: StatusEvent) -> None:
+    def publish_status(self, event: StatusEvent) -> None:
         session = self.session
         if session is None or not session.is_open:
             return
         assert self.identity is not None
         body = sign_model(event, self.identity.key, self.identity.agent_id)
         try:
-            await session.publish(
+            confirm = session.publish_nowait(
                 EVENTS_EXCHANGE, status_routing_key(event.job_id), body, persistent=False
             )
         except SessionError as exc:
-            logger.warning("job %s status %s not sent: %s", event.job_id, event.state.value, exc)
+            _log_status_not_sent(event, exc)
+            return
+        confirm.add_done_callback(lambda done: _check_status_confirm(event, done))
 
-    async def publish_result(self, job_id: str, body: bytes) -> None:
+    async def publish_result(self, job_id: str, body: bytes, recorded: bool = False) -> None:
         routing_key = result_routing_key(job_id)
-        path = await asyncio.to_thread(self.state.spool_write, job_id, routing_key, body)
-        # Only a stop cancels this coroutine, and no flush follows a stop, so a path
+        # A recorded result's row in jobs.sqlite is its spool; others get a file.
+        path = (
+            None
+            if recorded
+            else await asyncio.to_thread(self.state.spool_write, job_id, routing_key, body)
+        )
+        # Only a stop cancels this coroutine, and no flush follows a stop, so a key
         # left in the set then does no harm.
-        self._publishing.add(path)
+        key = path or job_id
+        self._publishing.add(key)
         attempt = 0
         while True:
             session = await self._wait_connected()
             if session is None:
                 logger.warning(
-                    "result of job %s stays spooled at %s until the next start", job_id, path
+                    "result of job %s stays spooled at %s until the next start",
+                    job_id, path or self.state.root / "jobs.sqlite",
                 )
-                self._publishing.discard(path)
+                self._publishing.discard(key)
                 return
             attempt += 1
             try:
@@ -758,9 +767,12 @@ class Agent:
                     job_id, attempt, exc,
                 )
                 await asyncio.sleep(min(5.0, 0.5 * attempt))
-        await asyncio.to_thread(self.state.mark_published, job_id)
-        await asyncio.to_thread(path.unlink, True)
-        self._publishing.discard(path)
+        if path is None:
+            await self.state.confirmed(job_id)
+        else:
+            await asyncio.to_thread(self.state.mark_published, job_id)
+            await asyncio.to_thread(path.unlink, True)
+        self._publishing.discard(key)
 
     async def _wait_connected(self) -> AmqpSession | None:
         """Return the open session, or None once the agent gives up publishing."""
@@ -785,6 +797,12 @@ class Agent:
             await asyncio.to_thread(self.state.mark_published, job_id)
             await asyncio.to_thread(path.unlink, True)
             logger.info("agent %s published spooled result %s", self.agent_id, routing_key)
+        for job_id, body in await asyncio.to_thread(self.state.unconfirmed):
+            if job_id in self._publishing:
+                continue
+            await session.publish(RESULTS_EXCHANGE, result_routing_key(job_id), body)
+            await self.state.confirmed(job_id)
+            logger.info("agent %s published the recorded result of job %s", self.agent_id, job_id)
 
     async def _publish_registration(self, session: AmqpSession) -> None:
         assert self.identity is not None and self.capacity is not None
@@ -852,6 +870,15 @@ class Agent:
                 logger.warning("agent %s heartbeat not sent: %s", self.agent_id, exc)
                 return
             await asyncio.sleep(interval)
+
+
+def _check_status_confirm(event: StatusEvent, confirm: asyncio.Future[None]) -> None:
+    if not confirm.cancelled() and confirm.exception() is not None:
+        _log_status_not_sent(event, confirm.exception())
+
+
+def _log_status_not_sent(event: StatusEvent, error: BaseException | None) -> None:
+    logger.warning("job %s status %s not sent: %s", event.job_id, event.state.value, error)
 
 
 def _payload_bytes(envelope: Envelope) -> bytes:

@@ -17,13 +17,15 @@ import logging
 import os
 import uuid
 from pathlib import Path
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from fairu.protocol.errors import ErrorCode, JobError, RetryableError
 from fairu.protocol.models import InputSpec
 
 from .unpack import UnpackLimits, extract_bundle
+
+if TYPE_CHECKING:
+    import aiohttp
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +35,13 @@ RETRY_DELAY_S = 1.0
 
 
 class InputCache:
-    def __init__(
-        self,
-        root: Path,
-        session: aiohttp.ClientSession,
-        unpack_limits: UnpackLimits | None = None,
-    ) -> None:
+    """The input cache and the HTTP client that fills it.
+
+    aiohttp is imported and its client made at the first download, because most
+    jobs have no inputs to fetch and the library is a fifth of an idle agent's memory.
+    """
+
+    def __init__(self, root: Path, unpack_limits: UnpackLimits | None = None) -> None:
         self.unpack_limits = unpack_limits or UnpackLimits()
         self.files = root / "sha256"
         self.unpacked = root / "unpacked"
@@ -46,8 +49,22 @@ class InputCache:
         for folder in (self.files, self.unpacked, self.partial):
             folder.mkdir(parents=True, exist_ok=True)
             folder.chmod(0o755)
-        self._session = session
+        self._session: aiohttp.ClientSession | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            import aiohttp
+
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def materialize(self, spec: InputSpec, job_id: str) -> Path:
         """Return a host path holding the input, fetching and unpacking it if needed."""
@@ -82,12 +99,14 @@ class InputCache:
                 await asyncio.sleep(delay)
 
     async def _fetch(self, spec: InputSpec, job_id: str, path: Path) -> None:
+        import aiohttp
+
         temporary = self.partial / f"{spec.sha256}.{uuid.uuid4().hex}"
         digest = hashlib.sha256()
         received = 0
         logger.info("job %s input %s: fetching %s", job_id, spec.name, spec.url)
         try:
-            async with self._session.get(spec.url) as response:
+            async with self._http().get(spec.url) as response:
                 if response.status >= 500:
                     raise RetryableError(
                         ErrorCode.INPUT_FETCH_FAILED,

@@ -15,8 +15,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-
-from aiohttp import web
+from http import HTTPStatus
 
 from fairu.protocol.errors import ConfigError
 from fairu.protocol.models import FinalStatus
@@ -29,6 +28,10 @@ logger = logging.getLogger(__name__)
 DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 RUNTIME_CHECK_TIMEOUT_S = 5.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# A request head larger than this gets an error response, and one slower than the
+# timeout gets none. Both close the connection.
+MAX_REQUEST_HEAD_BYTES = 8192
+REQUEST_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,12 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 class HealthServer:
-    """Serves /healthz and /metrics until `stop`."""
+    """Serves /healthz and /metrics until `stop`.
+
+    The two GET endpoints need only the request line, so the server parses the
+    request head itself on asyncio's streams and closes the connection after each
+    response, instead of importing a web framework into every idle agent.
+    """
 
     def __init__(
         self,
@@ -168,28 +176,21 @@ class HealthServer:
         self.metrics = metrics
         self.gauges = gauges
         self.check_runtime = check_runtime
-        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
         self.url = ""
 
     async def start(self) -> str:
         """Start listening; return the base URL, with the port the OS picked for 0."""
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
         try:
-            await site.start()
+            self._server = await asyncio.start_server(
+                self._serve, self.host, self.port, limit=MAX_REQUEST_HEAD_BYTES
+            )
         except OSError as exc:
-            await self._runner.cleanup()
             raise ConfigError(
                 f"cannot listen on agent.health_listen {self.host}:{self.port}: "
                 f"{exc.strerror}; pick a free port or 0"
             ) from None
-        server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = self._server.sockets[0].getsockname()[1]
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{host}:{port}"
         if not _is_loopback(self.host):
@@ -201,14 +202,50 @@ class HealthServer:
         return self.url
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            status, content_type, body = await self._answer(reader)
+            reason = HTTPStatus(status).phrase
+            head = (
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode("ascii") + body)
+            await writer.drain()
+        except (ConnectionError, TimeoutError):
+            pass  # The client went away or stalled, so no response can reach it.
+        finally:
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+        except asyncio.LimitOverrunError:
+            return _plain(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
+        except asyncio.IncompleteReadError:
+            return _plain(HTTPStatus.BAD_REQUEST, "incomplete request")
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return _plain(HTTPStatus.BAD_REQUEST, "malformed request line")
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        if target not in ("/healthz", "/metrics"):
+            return _plain(HTTPStatus.NOT_FOUND, "not found; try /healthz or /metrics")
+        if method != "GET":
+            return _plain(HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served")
+        if target == "/healthz":
+            return await self._healthz()
+        return 200, CONTENT_TYPE, self.metrics.render(self.gauges()).encode()
+
+    async def _healthz(self) -> tuple[int, str, bytes]:
         gauges = self.gauges()
         podman_error = await self._runtime_error()
-        body = {
+        body: dict[str, object] = {
             "broker_connected": gauges.broker_connected,
             "podman_reachable": podman_error is None,
         }
@@ -216,11 +253,7 @@ class HealthServer:
             body["podman_error"] = podman_error
         healthy = gauges.broker_connected and podman_error is None
         body["status"] = "ok" if healthy else "unhealthy"
-        return web.Response(
-            status=200 if healthy else 503,
-            text=json.dumps(body),
-            content_type="application/json",
-        )
+        return 200 if healthy else 503, "application/json", json.dumps(body).encode()
 
     async def _runtime_error(self) -> str | None:
         try:
@@ -232,10 +265,9 @@ class HealthServer:
             return str(exc)
         return None
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        response = web.Response(text=self.metrics.render(self.gauges()))
-        response.headers["Content-Type"] = CONTENT_TYPE
-        return response
+
+def _plain(status: HTTPStatus, text: str) -> tuple[int, str, bytes]:
+    return status.value, "text/plain; charset=utf-8", f"{text}\n".encode()
 
 
 def _is_loopback(host: str) -> bool:

@@ -56,10 +56,15 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 class Publisher(Protocol):
-    async def publish_status(self, event: StatusEvent) -> None: ...
+    def publish_status(self, event: StatusEvent) -> None:
+        """Publish without waiting for the confirm, which arrives later or is logged."""
 
-    async def publish_result(self, job_id: str, body: bytes) -> None:
-        """Publish until the broker confirms, waiting out reconnects."""
+    async def publish_result(self, job_id: str, body: bytes, recorded: bool = False) -> None:
+        """Publish until the broker confirms, waiting out reconnects.
+
+        `recorded` is true when the job record already contains the result durably,
+        so it needs no spool file.
+        """
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,7 @@ class JobPipeline:
             logger.info("job %s already finished here and its result was published", job_id)
         else:
             logger.info("job %s already finished here; publishing its recorded result", job_id)
-            await self.publisher.publish_result(job_id, result)
+            await self.publisher.publish_result(job_id, result, recorded=record is not None)
         status = FinalStatus(record.status) if record else FinalStatus.FAILED
         return Outcome(job_id, status, dead_letter=False, replayed=True)
 
@@ -203,9 +208,11 @@ class JobPipeline:
             "job %s (competition %s, submission %s) starting",
             job.job_id, job.competition, job.submission_id,
         )
-        await self._status(job, JobState.VERIFIED)
+        self._status(job, JobState.VERIFIED)
+        # True once the steps removed the work folder themselves.
+        cleaned = False
         try:
-            result = await self._run_steps(job, durations, list(gpu_devices))
+            result, cleaned = await self._run_steps(job, durations, list(gpu_devices))
         except JobError as exc:
             logger.warning("job %s failed: %s", job.job_id, exc)
             result = self._failed(job, exc.code, exc.message)
@@ -225,7 +232,8 @@ class JobPipeline:
                 job, ErrorCode.INTERNAL_ERROR, f"unexpected {type(exc).__name__}: {exc}"
             )
         finally:
-            await asyncio.to_thread(self.state.remove_work_dir, job.job_id)
+            if not cleaned:
+                await asyncio.to_thread(self.state.remove_work_dir, job.job_id)
         total = time.monotonic() - started
         result = result.model_copy(
             update={
@@ -270,9 +278,11 @@ class JobPipeline:
 
     async def _run_steps(
         self, job: JobSpec, durations: dict[str, float], gpu_devices: list[str]
-    ) -> JobResult:
+    ) -> tuple[JobResult, bool]:
+        """Fetch, run and read the scores; return the result and whether the work
+        folder is already removed."""
         fetch_started = time.monotonic()
-        await self._status(job, JobState.FETCHING)
+        self._status(job, JobState.FETCHING)
         mounts = []
         for spec in job.inputs:
             path = await self.cache.materialize(spec, job.job_id)
@@ -280,7 +290,7 @@ class JobPipeline:
         durations["fetch_s"] = time.monotonic() - fetch_started
 
         output = await asyncio.to_thread(self.state.make_work_dir, job.job_id)
-        await self._status(job, JobState.RUNNING)
+        self._status(job, JobState.RUNNING)
         outcome = await self.runner.run(
             RunSpec(
                 job_id=job.job_id,
@@ -302,51 +312,63 @@ class JobPipeline:
         logs = {"log_tail": log_tail, "log_truncated": truncated, "exit_code": outcome.exit_code}
 
         if outcome.output_too_large:
-            return self._failed(
+            return (self._failed(
                 job,
                 ErrorCode.OUTPUT_TOO_LARGE,
                 f"{outcome.output_too_large}; the container was stopped",
                 status=FinalStatus.OUTPUT_TOO_LARGE,
                 **logs,
-            )
+            ), False)
         if outcome.timed_out:
-            return self._failed(
+            return (self._failed(
                 job,
                 ErrorCode.TIMED_OUT,
                 f"the container ran past the walltime of {job.resources.walltime_s} s "
                 "and was killed",
                 status=FinalStatus.TIMED_OUT,
                 **logs,
-            )
+            ), False)
         if outcome.exit_code != 0:
-            return self._failed(
+            return (self._failed(
                 job,
                 ErrorCode.NONZERO_EXIT,
                 f"the container exited with code {outcome.exit_code}"
                 f"{_describe_exit(outcome.exit_code)}; see log_tail",
                 **logs,
-            )
-        await self._status(job, JobState.READING_SCORES)
-        try:
-            scores, artifacts = await asyncio.to_thread(self._read_outputs, job, output)
-        except JobError as exc:
-            return self._failed(job, exc.code, exc.message, **logs)
-        return self._result(
-            job.job_id, job, FinalStatus.SUCCEEDED, scores=scores, artifacts=artifacts,
-            **logs,
+            ), False)
+        self._status(job, JobState.READING_SCORES)
+        # One thread hand-off for both file steps of a finished run.
+        outputs = await asyncio.to_thread(self._read_outputs_and_clean, job, output)
+        if isinstance(outputs, JobError):
+            return self._failed(job, outputs.code, outputs.message, **logs), True
+        scores, artifacts = outputs
+        return (
+            self._result(
+                job.job_id, job, FinalStatus.SUCCEEDED, scores=scores, artifacts=artifacts,
+                **logs,
+            ),
+            True,
         )
 
-    def _read_outputs(
+    def _read_outputs_and_clean(
         self, job: JobSpec, output: Path
-    ) -> tuple[dict[str, float], list[Artifact]]:
-        """Read scores.json and the job's artifacts. A job that names artifacts may
-        write no scores.json, because its results can be in those files alone."""
-        if job.artifacts and not (output / SCORES_FILE).exists():
-            scores: dict[str, float] = {}
-        else:
-            scores = read_scores(output)
-        artifacts = read_artifacts(output, job.artifacts, self.settings.max_artifact_bytes)
-        return scores, artifacts
+    ) -> tuple[dict[str, float], list[Artifact]] | JobError:
+        """Read scores.json and the job's artifacts, then remove the work folder.
+
+        A job that names artifacts may write no scores.json, because its results can
+        be in those files alone.
+        """
+        try:
+            if job.artifacts and not (output / SCORES_FILE).exists():
+                scores: dict[str, float] = {}
+            else:
+                scores = read_scores(output)
+            artifacts = read_artifacts(output, job.artifacts, self.settings.max_artifact_bytes)
+            return scores, artifacts
+        except JobError as exc:
+            return exc
+        finally:
+            self.state.remove_work_dir(job.job_id)
 
     # --- results ----------------------------------------------------------------
 
@@ -387,17 +409,18 @@ class JobPipeline:
         id is only a claim; `digest` is None for a result that must not be recorded.
         """
         body = sign_model(result, self.identity.key, self.identity.agent_id)
-        if result.authenticated and digest is not None:
-            await asyncio.to_thread(
-                self.state.record_finished, result.job_id, result.status.value, digest, body
-            )
-        await self.publisher.publish_result(result.job_id, body)
+        recorded = result.authenticated and digest is not None
+        if recorded:
+            assert digest is not None
+            # The record is also the result's spool until the broker confirms it.
+            await self.state.record(result.job_id, result.status.value, digest, body)
+        await self.publisher.publish_result(result.job_id, body, recorded=recorded)
 
-    async def _status(self, job: JobSpec, state: JobState) -> None:
+    def _status(self, job: JobSpec, state: JobState) -> None:
         event = StatusEvent(
             job_id=job.job_id, agent_id=self.identity.agent_id, state=state, at=utc_now()
         )
-        await self.publisher.publish_status(event)
+        self.publisher.publish_status(event)
 
 
 def message_digest(body: bytes) -> str:

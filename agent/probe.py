@@ -192,10 +192,17 @@ def _cgroup_folders(controller: str) -> list[Path]:
 
 # --- NVML ------------------------------------------------------------------------
 
+# The library that pynvml loads on Linux.
+NVML_LIBRARY = "libnvidia-ml.so.1"
+
 
 def probe_gpus(nvml: ModuleType | None = None) -> GpuReport:
     """List the GPUs that NVML reports; `nvml` replaces the pynvml module in tests."""
     if nvml is None:
+        missing = _nvml_library_missing()
+        if missing:
+            logger.info("no GPUs reported: NVML is not available (%s)", missing)
+            return GpuReport()
         import pynvml
 
         nvml = pynvml
@@ -211,6 +218,21 @@ def probe_gpus(nvml: ModuleType | None = None) -> GpuReport:
             nvml.nvmlShutdown()
         except nvml.NVMLError as exc:
             logger.debug("nvmlShutdown failed: %s", exc)
+
+
+def _nvml_library_missing() -> str | None:
+    """Return why the NVML library cannot load, or None when it can.
+
+    Importing pynvml costs an agent about 2 MB for its whole life, so the probe
+    loads the library first, as pynvml would, and imports pynvml only when that works.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL(NVML_LIBRARY)
+    except OSError as exc:
+        return f"cannot load {NVML_LIBRARY}: {exc}"
+    return None
 
 
 def _probe_initialized(nvml: ModuleType) -> GpuReport:

@@ -15,6 +15,7 @@ may differ from the agent's user, must traverse them to reach its bind mounts.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import fcntl
 import hashlib
@@ -24,8 +25,9 @@ import shutil
 import sqlite3
 import subprocess
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import IO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -78,6 +80,8 @@ class StateDir:
         self._db_lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._lock_handle: IO[str] | None = None
+        self._batch = _Batch()
+        self._committing: asyncio.Task[None] | None = None
 
     def prepare(self) -> None:
         try:
@@ -114,12 +118,21 @@ class StateDir:
             " routing_key TEXT NOT NULL, message BLOB NOT NULL,"
             " claimed_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
         )
+        if "unconfirmed" not in columns:
+            # Set while the row is the only durable copy of a result that the broker
+            # has not confirmed, so that the next connect publishes it again. Rows
+            # from before this column had a spool file for that.
+            self._db.execute(
+                "ALTER TABLE jobs ADD COLUMN unconfirmed INTEGER NOT NULL DEFAULT 0"
+            )
         self._db.commit()
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        # The lock waits out a group commit still running in its thread.
+        with self._db_lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     # --- process id ---------------------------------------------------------------
 
@@ -169,15 +182,15 @@ class StateDir:
 
     # --- finished jobs ----------------------------------------------------------
 
-    def record_finished(self, job_id: str, status: str, message_sha256: str, result: bytes) -> None:
-        with self._db_lock:
-            assert self._db is not None
-            self._db.execute(
-                "INSERT OR IGNORE INTO jobs (job_id, status, message_sha256, result)"
-                " VALUES (?, ?, ?, ?)",
-                (job_id, status, message_sha256, result),
-            )
-            self._db.commit()
+    def record_finished(
+        self,
+        job_id: str,
+        status: str,
+        message_sha256: str,
+        result: bytes,
+        unconfirmed: bool = False,
+    ) -> None:
+        self.commit_batch(_Batch(records=[(job_id, status, message_sha256, result, unconfirmed)]))
 
     def finished(self, job_id: str) -> JobRecord | None:
         with self._db_lock:
@@ -190,10 +203,86 @@ class StateDir:
         return JobRecord(row[0], row[1], row[2], bytes(row[3]), bool(row[4])) if row else None
 
     def mark_published(self, job_id: str) -> None:
+        self.commit_batch(_Batch(published=[job_id]))
+
+    def unconfirmed(self) -> list[tuple[str, bytes]]:
+        """Return (job id, result) of each recorded result the broker never confirmed."""
         with self._db_lock:
             assert self._db is not None
-            self._db.execute("UPDATE jobs SET published = 1 WHERE job_id = ?", (job_id,))
-            self._db.commit()
+            rows = self._db.execute(
+                "SELECT job_id, result FROM jobs WHERE unconfirmed = 1 ORDER BY rowid"
+            ).fetchall()
+        return [(row[0], bytes(row[1])) for row in rows]
+
+    def commit_batch(self, batch: _Batch) -> None:
+        """Write a batch of records and confirmations in one transaction.
+
+        A batch with a record commits with an fsync of the write-ahead log
+        (synchronous=FULL), so the record survives a crash or a power loss once this
+        returns. A batch of confirmations alone does not wait for the disk: losing
+        one only means that its result is published once more after a crash, and the
+        coordinator keeps the first copy of each result.
+        """
+        with self._db_lock:
+            assert self._db is not None
+            synchronous = "FULL" if batch.records else "NORMAL"
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            with self._db:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO jobs"
+                    " (job_id, status, message_sha256, result, unconfirmed)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    batch.records,
+                )
+                self._db.executemany(
+                    "UPDATE jobs SET published = 1, unconfirmed = 0 WHERE job_id = ?",
+                    [(job_id,) for job_id in batch.published],
+                )
+
+    # --- group commit -----------------------------------------------------------
+
+    async def record(
+        self, job_id: str, status: str, message_sha256: str, result: bytes
+    ) -> None:
+        """Record a finished job and its unconfirmed result, durably, in a group commit.
+
+        The row stays the result's spool until `confirmed` clears it.
+        """
+        await self._group_commit(
+            lambda batch: batch.records.append((job_id, status, message_sha256, result, True))
+        )
+
+    async def confirmed(self, job_id: str) -> None:
+        """Mark a recorded job's result as confirmed by the broker, in a group commit."""
+        await self._group_commit(lambda batch: batch.published.append(job_id))
+
+    async def _group_commit(self, add: Callable[[_Batch], None]) -> None:
+        # The writes that callers add while one batch commits in a thread go into the
+        # next batch, so jobs that finish together share one thread hand-off and one
+        # fsync instead of one each.
+        add(self._batch)
+        if self._batch.done is None:
+            self._batch.done = asyncio.get_running_loop().create_future()
+        done = self._batch.done
+        if self._committing is None or self._committing.done():
+            self._committing = asyncio.create_task(self._commit_batches())
+        await asyncio.shield(done)
+
+    async def _commit_batches(self) -> None:
+        while self._batch.records or self._batch.published:
+            batch, self._batch = self._batch, _Batch()
+            try:
+                await asyncio.to_thread(self.commit_batch, batch)
+            except Exception as exc:
+                logger.error(
+                    "state folder %s: commit of %d job records failed: %s",
+                    self.root, len(batch.records) + len(batch.published), exc,
+                )
+                if batch.done is not None and not batch.done.done():
+                    batch.done.set_exception(exc)
+                continue
+            if batch.done is not None and not batch.done.done():
+                batch.done.set_result(None)
 
     # --- claimed jobs -------------------------------------------------------------
 
@@ -286,6 +375,14 @@ class StateDir:
                 job_dir,
                 result.stderr.strip() or f"rm exited with {result.returncode}",
             )
+
+
+@dataclass
+class _Batch:
+    records: list[tuple[str, str, str, bytes, bool]] = field(default_factory=list)
+    published: list[str] = field(default_factory=list)
+    # Made by the first caller that waits on the batch.
+    done: asyncio.Future[None] | None = None
 
 
 def _safe_name(job_id: str) -> str:

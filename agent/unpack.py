@@ -21,14 +21,18 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import tarfile
 import uuid
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from fairu.protocol.errors import ErrorCode, JobError
+
+if TYPE_CHECKING:
+    # Imported where they are used, at the first bundle: the agent's config needs
+    # this module's limits, and the two modules cost an idle agent about 1 MB.
+    import tarfile
+    import zipfile
 
 GIB = 1024**3
 # os.walk and shutil.rmtree recurse once per level in Python 3.11 and fail with
@@ -182,6 +186,8 @@ def _check_link_target(
 def _extract_tar(
     archive: Path, staging: Path, input_name: str, budget: _Budget
 ) -> None:
+    import tarfile
+
     seen: set[PurePosixPath] = set()
 
     def check(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo | None:
@@ -227,6 +233,8 @@ def _extract_tar(
 def _extract_zip(
     archive: Path, staging: Path, input_name: str, budget: _Budget
 ) -> None:
+    import zipfile
+
     try:
         with zipfile.ZipFile(archive) as bundle:
             members = bundle.infolist()

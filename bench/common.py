@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import pika
 import psutil
 
-from fairu.protocol.models import JobSpec, utc_now
+from fairu.protocol.models import JobSpec, Resources, utc_now
 from fairu.protocol.signing import generate_private_key, public_key_text, sign_model
 from fairu.protocol.topology import job_queue_arguments
 
@@ -154,7 +155,18 @@ def make_signing_key() -> SigningKey:
     return SigningKey(key, public_key_text(key.public_key()))
 
 
-def build_job(competition: str, queue: str, job_id: str, command: list[str]) -> JobSpec:
+# The resources of a null-runner job, small enough that 64 of them fit the admission
+# of a 2-core machine at once. The null runner starts no container to use them.
+NOOP_RESOURCES = Resources(cpus=0.01, memory_mb=1)
+
+
+def build_job(
+    competition: str,
+    queue: str,
+    job_id: str,
+    command: list[str],
+    resources: Resources | None = None,
+) -> JobSpec:
     now = utc_now()
     return JobSpec(
         job_id=job_id,
@@ -165,17 +177,25 @@ def build_job(competition: str, queue: str, job_id: str, command: list[str]) -> 
         command=command,
         created_at=now,
         expires_at=now + timedelta(hours=2),
+        resources=resources or Resources(),
     )
 
 
 def signed_fairu_messages(
-    key: SigningKey, competition: str, queue: str, count: int, command: list[str], tag: str
+    key: SigningKey,
+    competition: str,
+    queue: str,
+    count: int,
+    command: list[str],
+    tag: str,
+    resources: Resources | None = None,
 ) -> list[BenchMessage]:
     """Sign `count` jobs ahead of time, so signing stays out of the timed region."""
     messages = []
     for index in range(count):
         job_id = f"{tag}-{index:05d}"
-        body = sign_model(build_job(competition, queue, job_id, command), key.private)
+        job = build_job(competition, queue, job_id, command, resources)
+        body = sign_model(job, key.private)
         messages.append(BenchMessage(job_id, body, persistent_properties(job_id)))
     return messages
 
@@ -430,6 +450,23 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
+def package_tree(checkout: Path, folder: Path) -> Path:
+    """Lay out a fairu checkout as an importable `fairu` package under `folder`.
+
+    The repository's top-level folders are the package's subpackages (see
+    pyproject.toml), so a folder for PYTHONPATH needs links with the package names.
+    Return that folder, which comes before the installed fairu on the import path.
+    """
+    root = folder / f"tree-{checkout.name}"
+    package = root / "fairu"
+    package.mkdir(parents=True)
+    for entry in (checkout / "fairu").iterdir():
+        (package / entry.name).symlink_to(entry.resolve())
+    for name in ("agent", "broker", "protocol", "runners"):
+        (package / name).symlink_to((checkout / name).resolve())
+    return root
+
+
 def fairu_agent_argv(config: Path, log_level: str = "INFO") -> list[str]:
     return [
         sys.executable, str(BENCH_DIR / "fairu_agent.py"), "start", "--config", str(config),
@@ -501,6 +538,26 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def bootstrap_interval(
+    pairs: Sequence[tuple[float, float]],
+    statistic: Callable[[Sequence[tuple[float, float]]], float],
+    confidence: float = 0.95,
+    resamples: int = 4000,
+    seed: int = 1,
+) -> tuple[float, float]:
+    """Return a percentile bootstrap confidence interval of `statistic` over `pairs`.
+
+    Pairs are resampled whole, so the load that two neighbouring runs shared stays
+    with them. The seed is fixed, so one set of pairs always gives one interval.
+    """
+    generator = random.Random(seed)
+    estimates = sorted(
+        statistic(generator.choices(pairs, k=len(pairs))) for _ in range(resamples)
+    )
+    tail = (1 - confidence) / 2
+    return percentile(estimates, tail), percentile(estimates, 1 - tail)
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

@@ -79,8 +79,9 @@ class CeleryConfig:
 
 def fairu_system(
     topology: common.BenchTopology, folder: Path, url: str, slots: int, log_level: str,
-    skip: str, trace: bool,
+    skip: str, trace: bool, tree: Path | None = None,
 ) -> System:
+    """Return an agent system; `tree` is another fairu source tree that it runs."""
     competition = f"b{uuid.uuid4().hex[:8]}"
     queue = "cpu"
     topology.declare_job_queue(
@@ -89,6 +90,8 @@ def fairu_system(
     )
     key = common.make_signing_key()
     name = f"fairu, {slots} slots" + (f", without {skip}" if skip else "")
+    if tree is not None:
+        name += f", {tree.name}"
     agent_folder = folder / f"fairu-{competition}"
     agent_folder.mkdir()
     agent_folder.chmod(0o755)
@@ -97,6 +100,8 @@ def fairu_system(
         runner="null", slots=slots,
     )
     env = common.agent_env(topology.results_exchange, skip)
+    if tree is not None:
+        env["PYTHONPATH"] = str(common.package_tree(tree, folder))
     trace_path = agent_folder / "stages.json" if trace else None
     if trace_path is not None:
         env["FAIRU_BENCH_TRACE"] = str(trace_path)
@@ -105,7 +110,9 @@ def fairu_system(
     )
 
     def make_messages(count: int, tag: str) -> list[common.BenchMessage]:
-        return common.signed_fairu_messages(key, competition, queue, count, JOB_COMMAND, tag)
+        return common.signed_fairu_messages(
+            key, competition, queue, count, JOB_COMMAND, tag, common.NOOP_RESOURCES
+        )
 
     return System(
         name, "fairu", JOBS_EXCHANGE, job_routing_key(competition, queue), make_messages,
@@ -148,7 +155,9 @@ def celery_system(
         messages = []
         for number in range(count):
             job_id = f"{tag}-{number:05d}"
-            job = common.build_job("celery", "cpu", job_id, JOB_COMMAND)
+            job = common.build_job(
+                "celery", "cpu", job_id, JOB_COMMAND, common.NOOP_RESOURCES
+            )
             # Celery's own message builder, so the worker reads a regular task message.
             task = celery_app.app.amqp.as_task_v2(
                 job_id, celery_app.TASK_NAME, args=(job.model_dump(mode="json"),)
@@ -240,7 +249,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--fairu-skip", action="append", default=[], metavar="STEPS",
         help="also run an agent with the first slot count that leaves out these steps "
-        "(status, spool, record; comma separated), to measure what they cost; repeatable",
+        "(status, record; comma separated), to measure what they cost; repeatable",
+    )
+    parser.add_argument(
+        "--fairu-tree", action="append", default=[], type=Path, metavar="FOLDER",
+        help="also run an agent with the first slot count from this checkout of fairu, "
+        "such as `git worktree add FOLDER REV` or `git archive REV` unpacked, to compare "
+        "two versions in one run; repeatable",
     )
     parser.add_argument(
         "--trace-agent", action="store_true",
@@ -266,6 +281,11 @@ def build_systems(
             systems.append(fairu_system(
                 topology, folder, args.broker, slots, args.agent_log_level, "",
                 args.trace_agent,
+            ))
+        for tree in args.fairu_tree:
+            systems.append(fairu_system(
+                topology, folder, args.broker, slot_counts[0], args.agent_log_level, "",
+                args.trace_agent, tree,
             ))
         for skip in args.fairu_skip:
             systems.append(fairu_system(

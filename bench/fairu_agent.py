@@ -9,8 +9,8 @@ FAIRU_BENCH_SKIP, for profiling only, names pipeline steps to leave out, comma
 separated, to measure what each one costs:
 
     status   the four signed status events of each job
-    spool    writing the result to spool/ (two fsyncs) before publishing it
-    record   the job record in jobs.sqlite (one commit)
+    record   the job record in jobs.sqlite, which is also the result's spool (a
+             group commit with an fsync, and one without once the result is confirmed)
 
 FAIRU_BENCH_TRACE, also for profiling, names a JSON file that the agent writes when
 it stops: the count and mean wall time of each job, of each call that a job makes
@@ -36,19 +36,14 @@ import fairu.agent.session
 from fairu.agent.cli import main
 from fairu.agent.state import StateDir
 
-SKIPPABLE = {"status", "spool", "record"}
+SKIPPABLE = {"status", "record"}
 
 
-async def _no_status(_agent: object, _event: object) -> None:
+def _no_status(_agent: object, _event: object) -> None:
     return None
 
 
-def _no_spool(_state: object, name: str, _routing_key: str, _body: bytes) -> Path:
-    # publish_result unlinks this path with missing_ok once the broker confirms.
-    return Path("/nonexistent/fairu-bench") / name
-
-
-def _no_record(_state: object, *_args: object) -> None:
+async def _no_record(_state: object, *_args: object) -> None:
     return None
 
 
@@ -58,10 +53,9 @@ def skip_steps(names: set[str]) -> None:
         sys.exit(f"fairu_agent.py: error: unknown steps in FAIRU_BENCH_SKIP: {sorted(unknown)}")
     if "status" in names:
         fairu.agent.daemon.Agent.publish_status = _no_status  # type: ignore[method-assign]
-    if "spool" in names:
-        StateDir.spool_write = _no_spool  # type: ignore[method-assign]
     if "record" in names:
-        StateDir.record_finished = _no_record  # type: ignore[method-assign]
+        StateDir.record = _no_record  # type: ignore[method-assign]
+        StateDir.confirmed = _no_record  # type: ignore[method-assign]
 
 
 class StageTimes:

@@ -148,6 +148,7 @@ class Coordinator:
             host, port = http
             app = make_app(store, evaluations, loopback_only=is_loopback_address(host))
             self.api = ApiServer(app, host, port)
+        self._agent_keys: dict[str, Ed25519PublicKey] = {}
 
     async def run(self) -> None:
         logger.info("coordinator starting with database %s", self.store.path)
@@ -436,13 +437,18 @@ class Coordinator:
             await self.evaluations.on_result(result, body)
 
     async def _agent_key(self, agent_id: str) -> Ed25519PublicKey:
+        # An agent id derives from its key, so a key once found never changes.
+        key = self._agent_keys.get(agent_id)
+        if key is not None:
+            return key
         text = await asyncio.to_thread(self.store.agent_key, agent_id)
         if text is None:
             raise RejectedError(
                 ErrorCode.UNKNOWN_KEY,
                 f"message from agent {agent_id}, which never registered",
             )
-        return load_public_key_text(text)
+        key = self._agent_keys[agent_id] = load_public_key_text(text)
+        return key
 
 
     # --- dead letters -----------------------------------------------------------

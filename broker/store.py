@@ -238,24 +238,37 @@ class Store:
         capacity: dict[str, object] | None = None,
         free: dict[str, object] | None = None,
     ) -> bool:
-        """Store a heartbeat; `capacity` and `free` are kept when it carries none."""
+        """Store a heartbeat; `capacity` and `free` are kept when it carries none.
+
+        The commit does not wait for the disk (synchronous=NORMAL in WAL mode): a
+        power loss can only roll `last_seen` back to an earlier heartbeat, which the
+        agent's next heartbeat corrects. A process crash loses nothing committed.
+        """
         with self._lock:
-            cursor = self._db.execute(
-                "UPDATE agents SET state = ?, free_slots = ?, running_jobs = ?,"
-                " last_seen = ?, capacity = COALESCE(?, capacity),"
-                " free = COALESCE(?, free),"
-                " liveness = 'live' WHERE agent_id = ?",
-                (
-                    state,
-                    free_slots,
-                    json.dumps(running_jobs),
-                    at,
-                    json.dumps(capacity) if capacity is not None else None,
-                    json.dumps(free) if free is not None else None,
-                    agent_id,
-                ),
-            )
-            self._db.commit()
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            try:
+                cursor = self._db.execute(
+                    "UPDATE agents SET state = ?, free_slots = ?, running_jobs = ?,"
+                    " last_seen = ?, capacity = COALESCE(?, capacity),"
+                    " free = COALESCE(?, free),"
+                    " liveness = 'live' WHERE agent_id = ?",
+                    (
+                        state,
+                        free_slots,
+                        json.dumps(running_jobs),
+                        at,
+                        json.dumps(capacity) if capacity is not None else None,
+                        json.dumps(free) if free is not None else None,
+                        agent_id,
+                    ),
+                )
+                self._db.commit()
+            except BaseException:
+                self._db.rollback()
+                raise
+            finally:
+                # Every other write of the store waits for the disk.
+                self._db.execute("PRAGMA synchronous = FULL")
         return cursor.rowcount == 1
 
     def agents(self, now: datetime | None = None) -> list[dict[str, object]]:
@@ -281,20 +294,30 @@ class Store:
         return agents
 
     def mark_liveness(self, now: datetime | None = None) -> list[tuple[str, str, str]]:
-        """Store each agent's liveness for `now`; return the (agent_id, old, new)."""
-        changes = []
-        for agent in self.agents(now):
-            state = str(agent["fleet_state"])
-            liveness = state if state in (STALE, OFFLINE) else LIVE
-            if liveness != agent["liveness"]:
-                old = str(agent["liveness"])
-                changes.append((str(agent["agent_id"]), old, liveness))
+        """Store each agent's liveness for `now`; return the (agent_id, old, new).
+
+        The coordinator calls this every second, so it reads only the columns that
+        liveness depends on and commits only when some agent changed.
+        """
+        now = now or datetime.now(UTC)
         with self._lock:
-            for agent_id, _old, liveness in changes:
-                self._db.execute(
-                    "UPDATE agents SET liveness = ? WHERE agent_id = ?",
-                    (liveness, agent_id),
-                )
+            rows = self._db.execute(
+                "SELECT agent_id, state, last_seen, heartbeat_interval_s, liveness"
+                " FROM agents"
+            ).fetchall()
+        changes = []
+        for agent_id, state, last_seen, interval_s, old in rows:
+            current = fleet_state(state, datetime.fromisoformat(last_seen), interval_s, now)
+            liveness = current if current in (STALE, OFFLINE) else LIVE
+            if liveness != old:
+                changes.append((agent_id, old, liveness))
+        if not changes:
+            return changes
+        with self._lock:
+            self._db.executemany(
+                "UPDATE agents SET liveness = ? WHERE agent_id = ?",
+                [(liveness, agent_id) for agent_id, _old, liveness in changes],
+            )
             self._db.commit()
         return changes
 

@@ -9,7 +9,9 @@ message left the queue and that the agent still serves a normal job afterwards.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -53,6 +55,19 @@ async def wait_for(predicate: Callable[[], T], timeout_s: float, what: str) -> T
                 f"timed out after {timeout_s:.0f} s waiting for {what}"
             )
         await asyncio.sleep(0.2)
+
+
+def unconfirmed_results(state_dir: Path) -> list[str]:
+    """Return the job ids whose recorded result waits for the broker's confirm.
+
+    A finished job's row in jobs.sqlite is its result's spool until the confirm.
+    """
+    database = sqlite3.connect(f"file:{state_dir / 'jobs.sqlite'}?mode=ro", uri=True)
+    try:
+        rows = database.execute("SELECT job_id FROM jobs WHERE unconfirmed = 1").fetchall()
+    finally:
+        database.close()
+    return [row[0] for row in rows]
 
 
 def started_line(job_id: str) -> str:
@@ -278,9 +293,8 @@ async def test_result_spooled_while_broker_down(
     )
 
     await asyncio.to_thread(private_broker.stop)
-    spool = agent.state_dir / "spool"
     await wait_for(
-        lambda: list(spool.glob("*.msg")),
+        lambda: unconfirmed_results(agent.state_dir) == [job.job_id],
         60,
         "the result to be spooled while the broker is down",
     )
@@ -292,7 +306,7 @@ async def test_result_spooled_while_broker_down(
         private_coordinator, private_broker, private_competition, job.job_id
     )
     assert stored.status == "succeeded"
-    assert list(spool.glob("*.msg")) == []
+    assert unconfirmed_results(agent.state_dir) == []
     assert agent.log().count(started_line(job.job_id)) == 1
     # The spooled result goes out once. A copy of the job reaches the agent only
     # when its lease lapsed while the broker was down; the agent acks such a copy
@@ -331,8 +345,11 @@ async def test_spooled_result_survives_agent_kill(
     )
 
     await asyncio.to_thread(private_broker.stop)
-    spool = agent.state_dir / "spool"
-    await wait_for(lambda: list(spool.glob("*.msg")), 60, "the result to be spooled")
+    await wait_for(
+        lambda: unconfirmed_results(agent.state_dir) == [job.job_id],
+        60,
+        "the result to be spooled",
+    )
     agent.kill()
     await asyncio.to_thread(private_broker.start)
     await asyncio.to_thread(agent.start)
@@ -341,10 +358,10 @@ async def test_spooled_result_survives_agent_kill(
         private_coordinator, private_broker, private_competition, job.job_id
     )
     assert stored.status == "succeeded"
-    assert "published spooled result" in agent.log()
-    assert list(spool.glob("*.msg")) == []
+    assert f"published the recorded result of job {job.job_id}" in agent.log()
+    assert unconfirmed_results(agent.state_dir) == []
     # The job ran once. Its claim is dropped, not released, because the job ended
-    # before the kill and the spool flush published its result.
+    # before the kill and the spool flush published its recorded result.
     assert agent.log().count(started_line(job.job_id)) == 1
     assert f"dropped its claim of job {job.job_id}, which ended before" in agent.log()
     assert private_coordinator.store.audit_reasons(job.job_id) == []

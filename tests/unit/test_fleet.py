@@ -128,6 +128,17 @@ def test_liveness_changes_reported(store):
     assert agent["capacity"]["cpus"] == 15.0
 
 
+def test_failed_heartbeat_keeps_results_durable(store):
+    store.upsert_registration(registration("eu1-a", [], []))
+    store._db.execute("PRAGMA query_only = 1")
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        store.update_heartbeat("eu1-a", "serving", 4, [], T0.isoformat())
+    store._db.execute("PRAGMA query_only = 0")
+    # FULL (2): a result commit after the failed heartbeat still waits for the disk.
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)
+    assert store.record_result("job-1", "eu1-a", "eu1", "succeeded", {}, b"{}")
+
+
 def test_old_database_gains_columns(tmp_path):
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as db:

@@ -8,6 +8,7 @@ import logging
 import pynvml
 import pytest
 
+from fairu.agent import probe
 from fairu.agent.probe import (
     describe_capacity,
     parse_cfs_quota,
@@ -270,3 +271,12 @@ def test_parse_cfs_quota():
 )
 def test_parse_memory_limit(text, limit):
     assert parse_memory_limit(text) == limit
+
+
+def test_probe_without_nvml_library(monkeypatch, caplog):
+    monkeypatch.setattr(probe, "NVML_LIBRARY", "libfairu-no-such-library.so.1")
+    with caplog.at_level(logging.INFO, logger="fairu.agent.probe"):
+        report = probe.probe_gpus()
+    assert report.gpus == []
+    assert report.driver_version is None
+    assert "cannot load libfairu-no-such-library.so.1" in caplog.text

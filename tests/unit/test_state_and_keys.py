@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import stat
 from datetime import timedelta
 
@@ -88,3 +90,69 @@ def test_revocation_versions_increase(tmp_path):
     assert state.current_signing is None
     with pytest.raises(ConfigError, match="keys issue"):
         folder.current_signing_key()
+
+
+async def test_recorded_result_is_unconfirmed_until_confirmed(state):
+    await asyncio.gather(
+        state.record("job-1", "succeeded", "aa", b"one"),
+        state.record("job-2", "failed", "bb", b"two"),
+    )
+    assert state.unconfirmed() == [("job-1", b"one"), ("job-2", b"two")]
+    assert state.finished("job-1").published is False
+
+    await state.confirmed("job-1")
+    assert state.unconfirmed() == [("job-2", b"two")]
+    assert state.finished("job-1").published is True
+
+
+async def test_group_commit_survives_reopen(tmp_path):
+    first = StateDir(tmp_path / "state")
+    first.prepare()
+    await asyncio.gather(
+        *(first.record(f"job-{n}", "succeeded", "aa", b"r") for n in range(50))
+    )
+    first.close()
+    second = StateDir(tmp_path / "state")
+    second.prepare()
+    try:
+        assert len(second.unconfirmed()) == 50
+    finally:
+        second.close()
+
+
+async def test_failed_group_commit_fails_its_callers(state):
+    state._db.execute("PRAGMA query_only = 1")
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        await asyncio.gather(
+            state.record("job-1", "succeeded", "aa", b"one"),
+            state.confirmed("job-0"),
+        )
+    assert state.finished("job-1") is None
+    # The writer keeps serving once the database takes writes again.
+    state._db.execute("PRAGMA query_only = 0")
+    await state.record("job-2", "succeeded", "aa", b"two")
+    assert state.finished("job-2") is not None
+
+
+def test_folder_from_before_unconfirmed_column(tmp_path):
+    root = tmp_path / "state"
+    root.mkdir()
+    database = sqlite3.connect(root / "jobs.sqlite")
+    database.execute(
+        "CREATE TABLE jobs (job_id TEXT PRIMARY KEY, status TEXT NOT NULL,"
+        " message_sha256 TEXT NOT NULL, result BLOB NOT NULL,"
+        " finished_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
+        " published INTEGER NOT NULL DEFAULT 0)"
+    )
+    database.execute("INSERT INTO jobs (job_id, status, message_sha256, result) VALUES "
+                     "('old', 'succeeded', 'aa', x'00')")
+    database.commit()
+    database.close()
+    state = StateDir(root)
+    state.prepare()
+    try:
+        # Its result had a spool file of its own, so the record does not publish it.
+        assert state.unconfirmed() == []
+        assert state.finished("old") is not None
+    finally:
+        state.close()
