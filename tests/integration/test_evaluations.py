@@ -211,15 +211,18 @@ def _default_mu_true() -> list[float]:
     return [ingestion.true_mu(make_data.DEFAULT_SETTINGS, i) for i in range(NUM_SETS)]
 
 
-def direct_scores(tmp_path: Path) -> dict[str, float]:
-    """Score the unsharded 4 x 7 grid in this process with the example's programs."""
+def direct_scores(
+    tmp_path: Path, sets: int = NUM_SETS, experiments: int = EXPERIMENTS
+) -> dict[str, float]:
+    """Score the unsharded grid of the first `sets` sets and `experiments`
+    experiments in this process with the example's programs."""
     make_data = _make_data()
     ingestion = _load("evaluation_ingestion", "ingestion_program/ingestion.py")
     scoring = _load("evaluation_score", "scoring_program/score.py")
     input_dir, reference_dir = make_data.make_data(str(tmp_path / "direct-data"))
     ingestion.run_ingestion(
         input_dir, str(EXAMPLE_DIR / "sample_submission"), str(tmp_path / "direct"),
-        sets=NUM_SETS, experiments=EXPERIMENTS,
+        sets=sets, experiments=experiments,
     )
     return scoring.run_scoring(
         str(tmp_path / "direct"), reference_dir, str(tmp_path / "direct-scores")
@@ -274,6 +277,30 @@ async def test_scores_same_for_any_sharding(setup, start_agent, tmp_path):
     for name in ("predictions.json", "coverage.png", "report.html"):
         assert name in eight.artifacts
         assert service.evaluations.artifact_path(request.evaluation_id, name) is not None
+
+
+async def test_seven_shards_match_one_shard(setup, start_agent, tmp_path):
+    # The split rule never lets a shard span two sets, so 7 shards need a grid whose
+    # set count or runs per set give 7: here one set of 7 experiments.
+    service = await setup()
+    start_agents(service, start_agent, 3)
+    expected = direct_scores(tmp_path, sets=1, experiments=EXPERIMENTS)
+    runs = {}
+    for shards, shard_size in ((1, EXPERIMENTS), (7, 1)):
+        request = make_request(
+            service, num_sets=1, mu_true=_default_mu_true()[:1], shard_size=shard_size
+        )
+        await service.evaluations.submit(service.sign(request))
+        runs[shards] = await wait_for_end(service.evaluations, request.evaluation_id)
+
+    assert runs[1].state is EvaluationState.FINISHED, runs[1]
+    assert runs[7].state is EvaluationState.FINISHED, runs[7]
+    assert runs[1].shards_total == 1
+    assert runs[7].shards_total == 7
+    assert len({shard.agent_id for shard in runs[7].shards}) > 1
+    assert runs[1].scores == runs[7].scores
+    assert runs[7].scores["quantiles_score"] == expected["quantiles_score"]
+    assert runs[7].scores["coverage"] == expected["coverage"]
 
 
 # --- retries ------------------------------------------------------------------------
