@@ -332,17 +332,26 @@ socket = "{podman_socket}"
         agent.stop()
 
 
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve `app` on a free port of 127.0.0.1 and return its runner and the port.
+
+    The caller stops the server with `runner.cleanup()`.
+    """
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, port
+
+
 @pytest.fixture
 async def artifact_server(work_root: Path) -> AsyncIterator["ArtifactServer"]:
     from fairu.broker.artifacts import make_app
 
     folder = work_root / f"artifacts-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
-    runner = web.AppRunner(make_app(folder))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(make_app(folder))
     yield ArtifactServer(folder, f"http://127.0.0.1:{port}")
     await runner.cleanup()
 
