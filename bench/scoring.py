@@ -40,7 +40,6 @@ TARGET_EXPERIMENTS = 1_000_000
 prediction_data = common.load_repo_module(
     "tests/prediction_data.py", "fairu_bench_prediction_data"
 )
-make_predictions = prediction_data.random_predictions
 
 
 def naive_scores(predictions: Predictions, mu_true: np.ndarray) -> dict[str, float]:
@@ -72,7 +71,9 @@ def bench_scoring(reference, rounds: int, experiments_total: int, seed: int) -> 
         "vs compute_scores | vs np.sum | same as reference"
     )
     for num_sets, per_set in layouts:
-        predictions, mu_true = make_predictions(rng, num_sets, per_set)
+        predictions, mu_true = prediction_data.random_predictions(
+            rng, num_sets, per_set
+        )
         records = predictions.to_records()
         times: dict[str, list[float]] = {"pooled": [], "naive": [], "reference": []}
         for _ in range(rounds):
@@ -102,7 +103,7 @@ def bench_scoring(reference, rounds: int, experiments_total: int, seed: int) -> 
 def bench_parsing(reference, rounds: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     # A shard of 1,000 experiments: 2 sets of 500, as the coordinator could cut it.
-    predictions, mu_true = make_predictions(rng, 2, 500, first_set=6)
+    predictions, mu_true = prediction_data.random_predictions(rng, 2, 500, first_set=6)
     shard = prediction_data.shard_status(3, 6, 2, 0, 500)
     with tempfile.TemporaryDirectory(prefix="fairu-bench-scoring-") as folder:
         path = Path(folder) / "predictions.json"
@@ -128,7 +129,8 @@ def bench_parsing(reference, rounds: int, seed: int) -> None:
 def bench_pooling(rounds: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     parts = [
-        make_predictions(rng, 1, 1000, first_set=index)[0] for index in range(1000)
+        prediction_data.random_predictions(rng, 1, 1000, first_set=index)[0]
+        for index in range(1000)
     ]
     pool_ms = statistics.median(seconds(pool, parts) for _ in range(rounds)) * 1000
     pooled = pool(parts)
