@@ -6,6 +6,7 @@ deletes them when it ends, because the RabbitMQ node may be shared with other us
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import ModuleType
 
 import pika
 import psutil
@@ -45,6 +47,17 @@ def make_work_folder(prefix: str) -> Path:
     for path in (WORK_BASE, folder):
         path.chmod(0o755)
     return folder
+
+
+def load_repo_module(relative_path: str, name: str) -> ModuleType:
+    """Load a file of this repository that is not an installed module, as `name`."""
+    path = BENCH_DIR.parent / relative_path
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 # --- broker objects -----------------------------------------------------------------

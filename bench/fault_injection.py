@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import common
 from fairu.agent.session import AmqpSession, SessionError
 from fairu.broker.coordinator import Coordinator
 from fairu.broker.store import Store
@@ -60,7 +60,6 @@ from fairu.protocol.topology import JOBS_EXCHANGE, job_queue_name, job_routing_k
 
 logger = logging.getLogger("fault_injection")
 
-REPO = Path(__file__).resolve().parents[1]
 COMPETITION = "faults"
 QUEUE = "cpu"
 SITE = "bench"
@@ -76,18 +75,9 @@ DUPLICATE_REASON = "a final result was already recorded for this job"
 WORK_BASE = Path("/var/tmp")
 
 
-def load_broker_node() -> Any:
-    """Load tests/integration/broker_node.py, which is not an installed module."""
-    path = REPO / "tests" / "integration" / "broker_node.py"
-    spec = importlib.util.spec_from_file_location("fairu_bench_broker_node", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-broker_node = load_broker_node()
+broker_node = common.load_repo_module(
+    "tests/integration/broker_node.py", "fairu_bench_broker_node"
+)
 
 
 @dataclass

@@ -16,7 +16,6 @@ disk, against the example's `load_predictions` of the same file.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+import common
 from fairu.broker.predictions import (
     Predictions,
     encode_predictions_json,
@@ -32,45 +32,14 @@ from fairu.broker.predictions import (
     pool,
 )
 from fairu.broker.scoring import pooled_scores, summary_figures
-from fairu.protocol.evaluation import ShardState, ShardStatus
 
-SCORE_PATH = (
-    Path(__file__).resolve().parents[1]
-    / "examples"
-    / "higgsml-demo"
-    / "scoring_program"
-    / "score.py"
-)
 TARGET_MS = 100.0
 TARGET_EXPERIMENTS = 1_000_000
 
 
-def load_reference():
-    spec = importlib.util.spec_from_file_location(
-        "higgsml_demo_score_bench", SCORE_PATH
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_predictions(
-    rng: np.random.Generator, num_sets: int, experiments: int, first_set: int = 0
-) -> tuple[Predictions, np.ndarray]:
-    set_index = np.repeat(np.arange(first_set, first_set + num_sets), experiments)
-    experiment = np.tile(np.arange(experiments, dtype=np.int64), num_sets)
-    mu_true = rng.uniform(0.5, 2.0, first_set + num_sets)
-    mu_hat = mu_true[set_index] + rng.normal(0.0, 0.3, set_index.size)
-    half_width = np.abs(rng.normal(0.3, 0.1, set_index.size))
-    predictions = Predictions(
-        set=set_index.astype(np.int64),
-        experiment=experiment,
-        mu_hat=mu_hat,
-        delta_mu_hat=half_width,
-        p16=mu_hat - half_width,
-        p84=mu_hat + half_width,
-    )
-    return predictions, mu_true
+prediction_data = common.load_repo_module(
+    "tests/prediction_data.py", "fairu_bench_prediction_data"
+)
 
 
 def naive_scores(predictions: Predictions, mu_true: np.ndarray) -> dict[str, float]:
@@ -102,7 +71,9 @@ def bench_scoring(reference, rounds: int, experiments_total: int, seed: int) -> 
         "vs compute_scores | vs np.sum | same as reference"
     )
     for num_sets, per_set in layouts:
-        predictions, mu_true = make_predictions(rng, num_sets, per_set)
+        predictions, mu_true = prediction_data.random_predictions(
+            rng, num_sets, per_set
+        )
         records = predictions.to_records()
         times: dict[str, list[float]] = {"pooled": [], "naive": [], "reference": []}
         for _ in range(rounds):
@@ -132,16 +103,8 @@ def bench_scoring(reference, rounds: int, experiments_total: int, seed: int) -> 
 def bench_parsing(reference, rounds: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     # A shard of 1,000 experiments: 2 sets of 500, as the coordinator could cut it.
-    predictions, mu_true = make_predictions(rng, 2, 500, first_set=6)
-    shard = ShardStatus(
-        index=3,
-        first_set=6,
-        sets=2,
-        first_experiment=0,
-        experiments=500,
-        state=ShardState.RUNNING,
-        attempts=1,
-    )
+    predictions, mu_true = prediction_data.random_predictions(rng, 2, 500, first_set=6)
+    shard = prediction_data.shard_status(3, 6, 2, 0, 500)
     with tempfile.TemporaryDirectory(prefix="fairu-bench-scoring-") as folder:
         path = Path(folder) / "predictions.json"
         path.write_bytes(encode_predictions_json(predictions))
@@ -166,7 +129,8 @@ def bench_parsing(reference, rounds: int, seed: int) -> None:
 def bench_pooling(rounds: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     parts = [
-        make_predictions(rng, 1, 1000, first_set=index)[0] for index in range(1000)
+        prediction_data.random_predictions(rng, 1, 1000, first_set=index)[0]
+        for index in range(1000)
     ]
     pool_ms = statistics.median(seconds(pool, parts) for _ in range(rounds)) * 1000
     pooled = pool(parts)
@@ -186,7 +150,7 @@ def main() -> None:
     if args.rounds < 1 or args.experiments < 1000:
         parser.error("--rounds must be at least 1 and --experiments at least 1000")
 
-    reference = load_reference()
+    reference = prediction_data.load_score_program("higgsml_demo_score_bench")
     bench_scoring(reference, args.rounds, args.experiments, args.seed)
     bench_parsing(reference, args.rounds, args.seed)
     bench_pooling(args.rounds, args.seed)

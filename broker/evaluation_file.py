@@ -10,35 +10,24 @@ object with a "mu_true" list such as the example's reference_data/mu_true.json.
 from __future__ import annotations
 
 import json
-import tomllib
 import uuid
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
 from fairu.protocol.errors import ConfigError
 from fairu.protocol.evaluation import EvaluationRequest
-from fairu.protocol.models import utc_now
 from fairu.protocol.signing import describe_validation
 
-from .jobfile import complete_inputs, parse_duration
+from .jobfile import complete_inputs, read_toml_file, set_lifetime
 
 
 def load_evaluation_file(path: Path, evaluation_id: str | None = None) -> EvaluationRequest:
-    try:
-        raw: dict[str, Any] = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read evaluation file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"evaluation file {path} is not valid TOML: {exc}") from None
+    raw = read_toml_file(path, "evaluation file")
 
-    expires_in = parse_duration(str(raw.pop("expires_in", "24h")))
-    created = utc_now()
+    set_lifetime(raw, "24h")
     if evaluation_id or "evaluation_id" not in raw:
         raw["evaluation_id"] = evaluation_id or f"eval-{uuid.uuid4().hex[:16]}"
-    raw["created_at"] = created
-    raw["expires_at"] = created + expires_in
     raw["inputs"] = complete_inputs(raw.get("inputs", []), path)
     program = raw.get("scoring_program")
     if isinstance(program, dict):

@@ -40,21 +40,31 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def load_job_file(path: Path, job_id: str | None = None) -> JobSpec:
+def read_toml_file(path: Path, kind: str) -> dict[str, Any]:
+    """Read an organizer's TOML file. `kind` names the file in errors, as "job file"."""
     try:
-        raw: dict[str, Any] = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except OSError as exc:
-        raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {kind} {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"job file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{kind} {path} is not valid TOML: {exc}") from None
 
-    expires_in = parse_duration(str(raw.pop("expires_in", "1h")))
+
+def set_lifetime(raw: dict[str, Any], default_expires_in: str) -> None:
+    """Replace the file's `expires_in` duration with `created_at` and `expires_at`."""
+    expires_in = parse_duration(str(raw.pop("expires_in", default_expires_in)))
     created = utc_now()
+    raw["created_at"] = created
+    raw["expires_at"] = created + expires_in
+
+
+def load_job_file(path: Path, job_id: str | None = None) -> JobSpec:
+    raw = read_toml_file(path, "job file")
+
+    set_lifetime(raw, "1h")
     raw.setdefault("job_id", job_id or f"job-{uuid.uuid4().hex[:16]}")
     if job_id:
         raw["job_id"] = job_id
-    raw["created_at"] = created
-    raw["expires_at"] = created + expires_in
     raw["inputs"] = complete_inputs(raw.get("inputs", []), path)
     try:
         # The file is trusted organizer input, so lax mode lets TOML ints stand

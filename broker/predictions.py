@@ -438,6 +438,12 @@ def check_unique(predictions: Predictions, *, source: str = "predictions") -> No
     )
 
 
+def first_out_of_range(array: np.ndarray, limit: int) -> int | None:
+    """Return the position of the first value of `array` outside 0 .. limit - 1."""
+    outside = np.flatnonzero((array < 0) | (array >= limit))
+    return int(outside[0]) if outside.size else None
+
+
 def check_range(
     predictions: Predictions,
     num_sets: int,
@@ -448,9 +454,8 @@ def check_range(
     """Raise PredictionsError when an index lies outside the evaluation's grid."""
     for key, limit in (("set", num_sets), ("experiment", experiments_per_set)):
         array = getattr(predictions, key)
-        outside = np.flatnonzero((array < 0) | (array >= limit))
-        if outside.size:
-            position = int(outside[0])
+        position = first_out_of_range(array, limit)
+        if position is not None:
             raise PredictionsError(
                 f"record {position} of {source}: {key} {int(array[position])} is "
                 f"not in 0 .. {limit - 1}"

@@ -25,7 +25,7 @@ import numpy as np
 
 from fairu.protocol.errors import FairuError
 
-from .predictions import Predictions
+from .predictions import Predictions, first_out_of_range
 
 logger = logging.getLogger(__name__)
 
@@ -356,9 +356,8 @@ def _check_mu_true(mu_true: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def _check_set_indices(set_index: np.ndarray, num_sets: int) -> None:
-    outside = np.flatnonzero((set_index < 0) | (set_index >= num_sets))
-    if outside.size:
-        first = int(outside[0])
+    first = first_out_of_range(set_index, num_sets)
+    if first is not None:
         raise ScoringError(
             f"record {first} has set {int(set_index[first])}, but mu_true covers "
             f"sets 0 .. {num_sets - 1}"

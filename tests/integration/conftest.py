@@ -26,6 +26,7 @@ import pytest
 from aiohttp import web
 
 from fairu.agent.session import AmqpSession, Delivery, SessionError
+from fairu.broker.store import StoredResult
 from fairu.broker.topology import declare_job_queue, declare_topology
 from fairu.protocol.errors import RejectedError
 from fairu.protocol.models import JobResult, JobSpec, utc_now
@@ -44,6 +45,8 @@ from fairu.protocol.topology import (
     job_queue_name,
     job_routing_key,
 )
+
+from .agent_jobs import QUICK_COMMAND, sleeping_command, started_line, wait_for
 
 BROKER_URL = os.environ.get("FAIRU_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 # Bind-mount sources must be reachable by the rootless podman user, so test state
@@ -329,17 +332,26 @@ socket = "{podman_socket}"
         agent.stop()
 
 
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve `app` on a free port of 127.0.0.1 and return its runner and the port.
+
+    The caller stops the server with `runner.cleanup()`.
+    """
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, port
+
+
 @pytest.fixture
 async def artifact_server(work_root: Path) -> AsyncIterator["ArtifactServer"]:
     from fairu.broker.artifacts import make_app
 
     folder = work_root / f"artifacts-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
-    runner = web.AppRunner(make_app(folder))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(make_app(folder))
     yield ArtifactServer(folder, f"http://127.0.0.1:{port}")
     await runner.cleanup()
 
@@ -481,6 +493,111 @@ def start_private_agent(
         )
 
     return start
+
+
+@dataclass
+class PrivateSite:
+    """The private node with its coordinator, one competition and the job signer.
+
+    Its methods are the steps that the fault and lease tests share: start an agent,
+    publish a signed job, wait for the container to start and for the final result.
+    """
+
+    broker: Any
+    coordinator: Any
+    competition: Competition
+    signing_key: SigningKey
+    agent_starter: Any
+    node_publisher: Any
+
+    async def start_agent(self, **options: Any) -> AgentProcess:
+        """Start an approved agent that serves the competition's queue."""
+        return await asyncio.to_thread(self.agent_starter, self.competition, **options)
+
+    def job(self, **fields: Any) -> JobSpec:
+        return build_job(self.competition, **fields)
+
+    async def publish(self, job: JobSpec) -> bytes:
+        """Sign the job, publish it to the competition's queue and return the body."""
+        body = self.signing_key.sign(job)
+        await self.publish_body(body)
+        return body
+
+    async def publish_body(self, body: bytes) -> None:
+        await self.node_publisher(self.competition, body)
+
+    async def wait_until_started(
+        self, agent: AgentProcess, job: JobSpec, what: str
+    ) -> None:
+        await wait_for(lambda: started_line(job.job_id) in agent.log(), 120, what)
+
+    async def start_sleeping_job(
+        self, agent: AgentProcess, seconds: float, what: str
+    ) -> JobSpec:
+        """Publish a job that sleeps `seconds` and wait until `agent` starts it."""
+        job = self.job(command=sleeping_command(seconds))
+        await self.publish(job)
+        await self.wait_until_started(agent, job, what)
+        return job
+
+    async def recorded_once(
+        self, job_id: str, timeout_s: float = 120.0, coordinator: Any = None
+    ) -> StoredResult:
+        """Wait for the job's final result in the coordinator and for its message's ack.
+
+        The results table keys on the job id, so a second final result can only show
+        up in the audit table. Callers check `audit_count` for that. `coordinator`
+        replaces the site's own, for example after a restart.
+        """
+        coordinator = coordinator or self.coordinator
+        queue = self.competition.amqp_queue
+        stored = await wait_for(
+            lambda: coordinator.store.result(job_id),
+            timeout_s,
+            f"a recorded result of {job_id}",
+        )
+        await wait_for(
+            lambda: self.broker.queue_counts(queue) == (0, 0),
+            30,
+            f"queue {queue} to be empty with nothing unacked",
+        )
+        return stored
+
+    async def recorded_success(
+        self, job_id: str, timeout_s: float = 120.0, coordinator: Any = None
+    ) -> StoredResult:
+        """Wait as `recorded_once` does, then check that the job succeeded once."""
+        coordinator = coordinator or self.coordinator
+        stored = await self.recorded_once(job_id, timeout_s, coordinator)
+        assert stored.status == "succeeded"
+        assert coordinator.store.audit_count(job_id) == 0
+        return stored
+
+    async def serves_normal_job(self) -> StoredResult:
+        """Run a quick job to show that the node's agents still serve."""
+        job = self.job(command=QUICK_COMMAND)
+        await self.publish(job)
+        # The null runner writes empty scores, so only the status is common to both.
+        return await self.recorded_success(job.job_id)
+
+
+@pytest.fixture
+def private_site(
+    private_broker: Any,
+    private_coordinator: Any,
+    private_competition: Competition,
+    signing_key: SigningKey,
+    start_private_agent: Any,
+    private_publish: Any,
+) -> PrivateSite:
+    return PrivateSite(
+        broker=private_broker,
+        coordinator=private_coordinator,
+        competition=private_competition,
+        signing_key=signing_key,
+        agent_starter=start_private_agent,
+        node_publisher=private_publish,
+    )
 
 
 @pytest.fixture

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +21,16 @@ from aiohttp import web
 
 from fairu.broker.coordinator import Coordinator, CoordinatorQueues
 from fairu.broker.evaluations import CoordinatorKeys, Evaluations
-from fairu.broker.keys import KeyFolder
 from fairu.broker.store import Store
 from fairu.protocol.evaluation import EvaluationRequest, EvaluationState, ScoringProgram
-from fairu.protocol.models import InputSpec, Resources, utc_now
+from fairu.protocol.models import InputSpec, Resources
+
+from .conftest import serve_app
+from .evaluation_setup import (
+    evaluation_request,
+    issue_coordinator_keys,
+    start_evaluation_agent,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.podman]
 
@@ -81,11 +85,7 @@ async def setup(
 ) -> AsyncIterator[Any]:
     """Return a function that starts a coordinator with evaluations on tmp_path's
     database; calling it again after the first one stopped is a restart."""
-    folder = KeyFolder(tmp_path / "keys")
-    folder.init_root()
-    folder.issue(timedelta(hours=2), make_current=True)
-    keys = CoordinatorKeys(tmp_path / "keys")
-    root_key = (tmp_path / "keys" / "root.pub").read_text().strip()
+    keys, root_key = issue_coordinator_keys(tmp_path / "keys")
     inputs = {}
     for bundle in bundles:
         path = Path(bundle["path"])
@@ -111,11 +111,7 @@ async def setup(
 
     app = web.Application()
     app.router.add_get("/api/v1/evaluations/{evaluation_id}/artifacts/{name}", serve_artifact)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app)
 
     running: list[tuple[Coordinator, asyncio.Task[None], Store]] = []
 
@@ -151,41 +147,40 @@ def start_agents(setup: Setup, start_agent: Any, count: int, **options: Any) -> 
     for _ in range(count):
         token = setup.coordinator.store.add_enrollment_token("test")
         agents.append(
-            start_agent(
-                setup.competition,
-                trust=f'root_key = "{setup.root_key}"',
-                agent_extra=f'enrollment_token = "{token}"',
-                **options,
+            start_evaluation_agent(
+                start_agent, setup.competition, setup.root_key, token, **options
             )
         )
     return agents
 
 
 def make_request(setup: Setup, **fields: Any) -> EvaluationRequest:
-    now = utc_now()
-    mu_true = _default_mu_true()
     values: dict[str, Any] = {
-        "evaluation_id": f"ev-{uuid.uuid4().hex[:10]}",
-        "competition": setup.competition.name,
-        "queue": setup.competition.queue,
-        "submission_id": "sample-submission",
-        "image": "localhost/fairu-python:1",
         "command": INGESTION,
         "inputs": [
             setup.inputs[name]
             for name in ("ingestion_program", "input_data", "sample_submission")
         ],
-        "resources": Resources(walltime_s=300),
         "num_sets": NUM_SETS,
         "experiments_per_set": EXPERIMENTS,
         "shard_size": NUM_SETS * EXPERIMENTS,
         "base_seed": _make_data().DEFAULT_SETTINGS["base_seed"],
-        "mu_true": mu_true,
-        "created_at": now,
-        "expires_at": now + timedelta(hours=1),
+        "mu_true": _default_mu_true(),
     }
     values.update(fields)
-    return EvaluationRequest(**values)
+    return evaluation_request(setup.competition, **values)
+
+
+def straggling_request(setup: Setup, straggler_after_s: float) -> EvaluationRequest:
+    """Build a request of two shards whose shard 0 first sleeps long enough, on its
+    first attempt, to become a straggler."""
+    command = ["/bin/sh", "-c",
+               'if [ {first_set} = 0 ] && [ {attempt} = 1 ]; then sleep 120; fi; exec "$@"',
+               "sh", *INGESTION]
+    return make_request(
+        setup, shard_size=EXPERIMENTS * 2, command=command,
+        straggler_after_s=straggler_after_s,
+    )
 
 
 def scoring_program(setup: Setup) -> ScoringProgram:
@@ -400,13 +395,7 @@ async def test_incomplete_shard_rejected_and_retried(setup, start_agent):
 async def test_straggler_redispatched_late_result_ignored(setup, start_agent):
     service = await setup()
     start_agents(service, start_agent, 2)
-    # Shard 0's first attempt sleeps long enough to be a straggler.
-    command = ["/bin/sh", "-c",
-               'if [ {first_set} = 0 ] && [ {attempt} = 1 ]; then sleep 120; fi; exec "$@"',
-               "sh", *INGESTION]
-    request = make_request(
-        service, shard_size=EXPERIMENTS * 2, command=command, straggler_after_s=20,
-    )
+    request = straggling_request(service, straggler_after_s=20)
 
     await service.evaluations.submit(service.sign(request))
     status = await wait_for_end(service.evaluations, request.evaluation_id)
@@ -434,12 +423,7 @@ async def test_straggler_redispatched_late_result_ignored(setup, start_agent):
 async def test_evaluation_survives_coordinator_restart(setup, start_agent):
     service = await setup()
     start_agents(service, start_agent, 2)
-    command = ["/bin/sh", "-c",
-               'if [ {first_set} = 0 ] && [ {attempt} = 1 ]; then sleep 120; fi; exec "$@"',
-               "sh", *INGESTION]
-    request = make_request(
-        service, shard_size=EXPERIMENTS * 2, command=command, straggler_after_s=25,
-    )
+    request = straggling_request(service, straggler_after_s=25)
     await service.evaluations.submit(service.sign(request))
     await setup.stop()
 

@@ -17,10 +17,8 @@ import socket
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +28,16 @@ import pytest
 from fairu.broker.api import MAX_BODY_BYTES
 from fairu.broker.coordinator import Coordinator
 from fairu.broker.evaluations import CoordinatorKeys, Evaluations
-from fairu.broker.keys import KeyFolder
 from fairu.broker.store import Store
 from fairu.protocol.evaluation import EvaluationRequest, EvaluationState, ScoringProgram
-from fairu.protocol.models import Resources, utc_now
+from fairu.protocol.models import Resources
 from fairu.protocol.signing import generate_private_key, sign_model
+
+from .evaluation_setup import (
+    evaluation_request,
+    issue_coordinator_keys,
+    start_evaluation_agent,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.podman]
 
@@ -110,11 +113,7 @@ async def api_setup(
     start_agent: Any,
 ) -> AsyncIterator[ApiSetup]:
     """A coordinator with real evaluations and its HTTP API, and one approved agent."""
-    folder = KeyFolder(tmp_path / "keys")
-    folder.init_root()
-    folder.issue(timedelta(hours=2), make_current=True)
-    keys = CoordinatorKeys(tmp_path / "keys")
-    root_key = (tmp_path / "keys" / "root.pub").read_text().strip()
+    keys, root_key = issue_coordinator_keys(tmp_path / "keys")
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -131,11 +130,7 @@ async def api_setup(
     try:
         await wait_until_serving(url)
         token = await asyncio.to_thread(store.add_enrollment_token, "test")
-        agent = start_agent(
-            competition,
-            trust=f'root_key = "{root_key}"',
-            agent_extra=f'enrollment_token = "{token}"',
-        )
+        agent = start_evaluation_agent(start_agent, competition, root_key, token)
         yield ApiSetup(coordinator, tmp_path / "keys", keys, url, competition, agent)
     finally:
         coordinator.stopping.set()
@@ -144,25 +139,16 @@ async def api_setup(
 
 
 def make_request(setup: ApiSetup, **fields: Any) -> EvaluationRequest:
-    now = utc_now()
     values: dict[str, Any] = {
-        "evaluation_id": f"ev-{uuid.uuid4().hex[:10]}",
-        "competition": setup.competition.name,
-        "queue": setup.competition.queue,
-        "submission_id": "sample-submission",
-        "image": "localhost/fairu-python:1",
         "command": SHARD_COMMAND,
-        "resources": Resources(walltime_s=300),
         "num_sets": NUM_SETS,
         "experiments_per_set": EXPERIMENTS,
         "shard_size": EXPERIMENTS,
         "base_seed": 7,
         "mu_true": [1.0] * NUM_SETS,
-        "created_at": now,
-        "expires_at": now + timedelta(hours=1),
     }
     values.update(fields)
-    return EvaluationRequest(**values)
+    return evaluation_request(setup.competition, **values)
 
 
 async def poll_until_final(

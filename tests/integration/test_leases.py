@@ -8,7 +8,6 @@ coordinator queues a job again when its lease expires or its agent releases it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import subprocess
 import sys
@@ -19,21 +18,8 @@ import pytest
 
 from fairu.agent.session import AmqpSession, Delivery
 from fairu.broker.coordinator import Coordinator
-from fairu.protocol.models import (
-    JobState,
-    LeaseAction,
-    LeaseEvent,
-    Registration,
-    StatusEvent,
-    utc_now,
-)
-from fairu.protocol.signing import (
-    agent_id_for,
-    generate_private_key,
-    open_unverified,
-    public_key_text,
-    sign_model,
-)
+from fairu.protocol.models import JobState, LeaseAction, StatusEvent
+from fairu.protocol.signing import open_unverified
 from fairu.protocol.topology import (
     EVENTS_EXCHANGE,
     job_routing_key,
@@ -41,8 +27,8 @@ from fairu.protocol.topology import (
     registration_routing_key,
 )
 
-from .test_faults import (
-    recorded_once,
+from ..signed_agent import SignedAgent
+from .agent_jobs import (
     remove_agent_containers,
     sleeping_command,
     started_line,
@@ -89,21 +75,13 @@ async def hold_unacked(url: str) -> tuple[AmqpSession, str]:
 
 
 @pytest.mark.parametrize("private_broker", [SHORT_CONSUMER_TIMEOUT], indirect=True)
-async def test_job_outlives_consumer_timeout(
-    private_broker,
-    private_coordinator,
-    private_competition,
-    start_private_agent,
-    private_publish,
-    make_job,
-    signing_key,
-):
-    agent = await asyncio.to_thread(start_private_agent, private_competition)
-    job = make_job(private_competition, command=sleeping_command(LONG_JOB_S))
-    watcher, events = await watch_status(private_broker.url, job.job_id)
-    control, control_queue = await hold_unacked(private_broker.url)
+async def test_job_outlives_consumer_timeout(private_site):
+    agent = await private_site.start_agent()
+    job = private_site.job(command=sleeping_command(LONG_JOB_S))
+    watcher, events = await watch_status(private_site.broker.url, job.job_id)
+    control, control_queue = await hold_unacked(private_site.broker.url)
     try:
-        await private_publish(private_competition, signing_key.sign(job))
+        await private_site.publish(job)
 
         # Without a lease, a delivery held this long loses its channel.
         assert control.closed is not None
@@ -111,21 +89,18 @@ async def test_job_outlives_consumer_timeout(
         assert "PRECONDITION_FAILED" in reason
         assert "timed out" in reason
         ready, unacked = await asyncio.to_thread(
-            private_broker.queue_counts, control_queue
+            private_site.broker.queue_counts, control_queue
         )
         assert (ready, unacked) == (1, 0)
 
-        stored = await recorded_once(
-            private_coordinator, private_broker, private_competition, job.job_id,
-            timeout_s=LONG_JOB_S + 120,
+        stored = await private_site.recorded_success(
+            job.job_id, timeout_s=LONG_JOB_S + 120
         )
     finally:
         await watcher.close()
         await control.close()
 
-    assert stored.status == "succeeded"
     assert stored.agent_id == agent.agent_id
-    assert private_coordinator.store.audit_count(job.job_id) == 0
     log = agent.log()
     assert log.count(started_line(job.job_id)) == 1
     assert [event.state for event in events].count(JobState.RUNNING) == 1
@@ -136,21 +111,9 @@ async def test_job_outlives_consumer_timeout(
     assert f"claimed job {job.job_id}" in log
 
 
-async def test_drain_releases_claimed_job(
-    private_broker,
-    private_coordinator,
-    private_competition,
-    start_private_agent,
-    private_publish,
-    make_job,
-    signing_key,
-):
-    first = await asyncio.to_thread(
-        start_private_agent, private_competition, stop_grace_s=1
-    )
-    job = make_job(private_competition, command=sleeping_command(20))
-    await private_publish(private_competition, signing_key.sign(job))
-    await wait_for(lambda: started_line(job.job_id) in first.log(), 120, "the first run")
+async def test_drain_releases_claimed_job(private_site):
+    first = await private_site.start_agent(stop_grace_s=1)
+    job = await private_site.start_sleeping_job(first, 20, "the first run")
 
     drained = await asyncio.to_thread(
         subprocess.run,
@@ -163,33 +126,17 @@ async def test_drain_releases_claimed_job(
     assert f"handing job {job.job_id} back" in log
     assert f"released job {job.job_id} to be queued again" in log
     # The release, not a lease expiry, queued the job again.
-    assert private_coordinator.store.lease(job.job_id).expiries == 0
+    assert private_site.coordinator.store.lease(job.job_id).expiries == 0
 
-    second = await asyncio.to_thread(start_private_agent, private_competition)
-    stored = await recorded_once(
-        private_coordinator, private_broker, private_competition, job.job_id
-    )
-    assert stored.status == "succeeded"
+    second = await private_site.start_agent()
+    stored = await private_site.recorded_success(job.job_id)
     assert stored.agent_id == second.agent_id
-    assert private_coordinator.store.audit_count(job.job_id) == 0
     assert second.log().count(started_line(job.job_id)) == 1
 
 
-async def test_second_sigint_releases_claimed_job(
-    private_broker,
-    private_coordinator,
-    private_competition,
-    start_private_agent,
-    private_publish,
-    make_job,
-    signing_key,
-):
-    first = await asyncio.to_thread(
-        start_private_agent, private_competition, stop_grace_s=600
-    )
-    job = make_job(private_competition, command=sleeping_command(30))
-    await private_publish(private_competition, signing_key.sign(job))
-    await wait_for(lambda: started_line(job.job_id) in first.log(), 120, "the first run")
+async def test_second_sigint_releases_claimed_job(private_site):
+    first = await private_site.start_agent(stop_grace_s=600)
+    job = await private_site.start_sleeping_job(first, 30, "the first run")
 
     assert first.process is not None
     first.process.send_signal(2)
@@ -198,80 +145,48 @@ async def test_second_sigint_releases_claimed_job(
     assert await asyncio.to_thread(first.process.wait, 60) == 0
     assert f"released job {job.job_id} to be queued again" in first.log()
 
-    second = await asyncio.to_thread(start_private_agent, private_competition)
-    stored = await recorded_once(
-        private_coordinator, private_broker, private_competition, job.job_id
-    )
+    second = await private_site.start_agent()
+    stored = await private_site.recorded_success(job.job_id)
     assert stored.agent_id == second.agent_id
-    assert stored.status == "succeeded"
-    assert private_coordinator.store.audit_count(job.job_id) == 0
 
 
-class ClaimingClient:
+class ClaimingClient(SignedAgent):
     """A registered agent identity that claims jobs and never renews their leases."""
 
     def __init__(self, session: AmqpSession, competition: Any) -> None:
+        super().__init__([competition.amqp_queue])
         self.session = session
-        self.key = generate_private_key()
-        self.agent_id = agent_id_for("test", self.key.public_key())
         self.competition = competition
         self.deliveries: list[Delivery] = []
 
     async def register(self) -> None:
-        registration = Registration(
-            agent_id=self.agent_id,
-            site="test",
-            version="test",
-            public_key=public_key_text(self.key.public_key()),
-            cpu_cores=1,
-            memory_bytes=1 << 30,
-            queues=[self.competition.amqp_queue],
-            slots=1,
-            free_slots=1,
-            at=utc_now(),
-        )
         await self.session.publish(
             EVENTS_EXCHANGE,
             registration_routing_key(self.agent_id),
-            sign_model(registration, self.key, self.agent_id),
+            self.registration(),
         )
 
     async def claim(self, delivery: Delivery, job_id: str) -> None:
-        event = LeaseEvent(
-            action=LeaseAction.CLAIM,
-            agent_id=self.agent_id,
-            job_id=job_id,
-            routing_key=job_routing_key(self.competition.name, self.competition.queue),
-            job_message=base64.b64encode(delivery.body).decode(),
-            ttl_s=1,
-            at=utc_now(),
-        )
+        routing_key = job_routing_key(self.competition.name, self.competition.queue)
         await self.session.publish(
             EVENTS_EXCHANGE,
             lease_routing_key(self.agent_id),
-            sign_model(event, self.key, self.agent_id),
+            self.lease(LeaseAction.CLAIM, job_id, routing_key, delivery.body, ttl_s=1),
             mandatory=True,
         )
         self.session.ack(delivery.delivery_tag)
 
 
-async def test_lease_expiry_limit_fails_job(
-    private_broker, private_coordinator, private_competition, make_job, signing_key,
-    private_publish,
-):
-    session = AmqpSession(private_broker.url, name="fairu-tests claiming client")
+async def test_lease_expiry_limit_fails_job(private_site):
+    store = private_site.coordinator.store
+    session = AmqpSession(private_site.broker.url, name="fairu-tests claiming client")
     await session.open()
-    client = ClaimingClient(session, private_competition)
+    client = ClaimingClient(session, private_site.competition)
     await client.register()
     # The coordinator stores lease events of approved agents only.
-    await wait_for(
-        lambda: private_coordinator.store.agent_key(client.agent_id),
-        30,
-        "the registration",
-    )
-    assert private_coordinator.store.set_approval(client.agent_id, "approved")
-    job = make_job(private_competition)
-    body = signing_key.sign(job)
+    await wait_for(lambda: store.agent_key(client.agent_id), 30, "the registration")
+    assert store.set_approval(client.agent_id, "approved")
+    job = private_site.job()
     claims: list[asyncio.Task[None]] = []
 
     def on_delivery(delivery: Delivery) -> None:
@@ -279,10 +194,10 @@ async def test_lease_expiry_limit_fails_job(
         claims.append(asyncio.create_task(client.claim(delivery, job.job_id)))
 
     try:
-        await session.consume(private_competition.amqp_queue, on_delivery)
-        await private_publish(private_competition, body)
+        await session.consume(private_site.competition.amqp_queue, on_delivery)
+        body = await private_site.publish(job)
         stored = await wait_for(
-            lambda: private_coordinator.store.result(job.job_id), 60, "the failed result"
+            lambda: store.result(job.job_id), 60, "the failed result"
         )
         await asyncio.gather(*claims)
     finally:
@@ -299,24 +214,14 @@ async def test_lease_expiry_limit_fails_job(
         for delivery in client.deliveries
     ]
     assert counts == [None, 1, 2]
-    assert private_coordinator.store.lease(job.job_id) is None
+    assert store.lease(job.job_id) is None
 
 
-async def test_unroutable_claim_runs_unacked(
-    private_broker,
-    private_coordinator,
-    private_competition,
-    start_private_agent,
-    private_publish,
-    make_job,
-    signing_key,
-):
-    agent = await asyncio.to_thread(
-        start_private_agent, private_competition, runner="null"
-    )
+async def test_unroutable_claim_runs_unacked(private_site):
+    agent = await private_site.start_agent(runner="null")
     # After the agent has started, the coordinator has declared the topology, so it
     # does not bind the lease routing key again.
-    session = AmqpSession(private_broker.url, name="fairu-tests unbind")
+    session = AmqpSession(private_site.broker.url, name="fairu-tests unbind")
     await session.open()
     unbound = asyncio.get_running_loop().create_future()
     session.channel.queue_unbind(
@@ -327,69 +232,39 @@ async def test_unroutable_claim_runs_unacked(
     )
     await asyncio.wait_for(unbound, 10)
     await session.close()
-    job = make_job(private_competition)
+    job = private_site.job()
 
-    await private_publish(private_competition, signing_key.sign(job))
+    await private_site.publish(job)
 
-    stored = await recorded_once(
-        private_coordinator, private_broker, private_competition, job.job_id
-    )
+    stored = await private_site.recorded_once(job.job_id)
     assert stored.status == "succeeded"
     assert f"could not claim job {job.job_id}" in agent.log()
     assert "running it with its delivery unacked" in agent.log()
     assert f"claimed job {job.job_id}" not in agent.log()
 
 
-async def test_drain_longer_than_ttl_keeps_lease(
-    private_broker,
-    private_coordinator,
-    private_competition,
-    start_private_agent,
-    private_publish,
-    make_job,
-    signing_key,
-):
+async def test_drain_longer_than_ttl_keeps_lease(private_site):
     # A grace far longer than the 12 s lease TTL: heartbeats must go on renewing the
     # lease while the agent drains, or the coordinator queues a second copy.
-    agent = await asyncio.to_thread(
-        start_private_agent, private_competition, stop_grace_s=120
-    )
-    job = make_job(private_competition, command=sleeping_command(30))
-    await private_publish(private_competition, signing_key.sign(job))
-    await wait_for(lambda: started_line(job.job_id) in agent.log(), 120, "the run")
+    agent = await private_site.start_agent(stop_grace_s=120)
+    job = await private_site.start_sleeping_job(agent, 30, "the run")
 
     assert await asyncio.to_thread(agent.stop, 15, 150) == 0
 
-    stored = await recorded_once(
-        private_coordinator, private_broker, private_competition, job.job_id
-    )
-    assert stored.status == "succeeded"
+    stored = await private_site.recorded_success(job.job_id)
     assert stored.agent_id == agent.agent_id
     assert f"handing job {job.job_id} back" not in agent.log()
-    assert private_coordinator.store.audit_count(job.job_id) == 0
 
 
 async def test_lease_expires_after_coordinator_restart(
-    caplog,
-    private_broker,
-    private_coordinator,
-    private_competition,
-    start_private_agent,
-    private_publish,
-    make_job,
-    signing_key,
-    podman_socket,
+    caplog, private_site, podman_socket
 ):
     caplog.set_level(logging.INFO, logger="fairu.broker")
-    first = await asyncio.to_thread(start_private_agent, private_competition)
+    first = await private_site.start_agent()
     first_id = first.agent_id
-    job = make_job(private_competition, command=sleeping_command(10))
-    await private_publish(private_competition, signing_key.sign(job))
-    await wait_for(
-        lambda: started_line(job.job_id) in first.log(), 120, "the first run"
-    )
+    job = await private_site.start_sleeping_job(first, 10, "the first run")
 
-    private_coordinator.stopping.set()
+    private_site.coordinator.stopping.set()
     await wait_for(
         lambda: "coordinator stopped" in caplog.text, 60, "the coordinator stop"
     )
@@ -397,7 +272,7 @@ async def test_lease_expires_after_coordinator_restart(
     # Longer than the 12 s TTL: the lease has lapsed on the coordinator's clock by
     # the time it starts again, and it must extend the lease instead of acting on it.
     await asyncio.sleep(15)
-    restarted = Coordinator(private_broker.url, private_coordinator.store)
+    restarted = Coordinator(private_site.broker.url, private_site.coordinator.store)
     serving = asyncio.create_task(restarted.run())
     try:
         await wait_for(
@@ -405,13 +280,11 @@ async def test_lease_expires_after_coordinator_restart(
             60,
             "the restart",
         )
-        second = await asyncio.to_thread(start_private_agent, private_competition)
-        stored = await recorded_once(
-            restarted, private_broker, private_competition, job.job_id
+        second = await private_site.start_agent()
+        stored = await private_site.recorded_success(
+            job.job_id, coordinator=restarted
         )
         assert stored.agent_id == second.agent_id
-        assert stored.status == "succeeded"
-        assert restarted.store.audit_count(job.job_id) == 0
         assert second.log().count(started_line(job.job_id)) == 1
         expired = f"lease of job {job.job_id} held by agent {first_id} expired"
         assert expired in caplog.text

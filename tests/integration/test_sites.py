@@ -36,6 +36,8 @@ from fairu.protocol.topology import (
     job_routing_key,
 )
 
+from .conftest import serve_app
+
 pytestmark = pytest.mark.broker
 
 MGMT_URL = os.environ.get("FAIRU_TEST_MGMT_URL", "http://127.0.0.1:15672")
@@ -619,11 +621,7 @@ async def test_other_http_server_exits_1(broker_url):
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", not_found)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app)
     try:
         run = await fairu_admin(
             broker_url, "sites", "list", FAIRU_MGMT_URL=f"http://127.0.0.1:{port}"

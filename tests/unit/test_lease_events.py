@@ -6,7 +6,6 @@ to `fairu.jobs`, so these tests check which events may store one.
 
 from __future__ import annotations
 
-import base64
 from datetime import timedelta
 
 import pytest
@@ -14,74 +13,30 @@ import pytest
 from fairu.broker.coordinator import Coordinator
 from fairu.broker.store import Store
 from fairu.protocol.errors import RejectedError
-from fairu.protocol.models import (
-    AgentState,
-    Heartbeat,
-    JobSpec,
-    LeaseAction,
-    LeaseEvent,
-    Registration,
-    utc_now,
-)
-from fairu.protocol.signing import (
-    agent_id_for,
-    generate_private_key,
-    public_key_text,
-    sign_model,
-)
+from fairu.protocol.models import JobSpec, LeaseAction, utc_now
+from fairu.protocol.signing import generate_private_key, sign_model
 from fairu.protocol.topology import job_routing_key
 
+from ..signed_agent import SignedAgent
 
-class Client:
-    """An agent identity that signs its own registration and lease events."""
+
+class Client(SignedAgent):
+    """An agent identity serving competition "mine", with leases of a 60 s TTL."""
 
     def __init__(self) -> None:
-        self.key = generate_private_key()
-        self.agent_id = agent_id_for("test", self.key.public_key())
+        super().__init__(["fairu.jobs.mine.cpu"])
 
-    def registration(self) -> bytes:
-        registration = Registration(
-            agent_id=self.agent_id,
-            site="test",
-            version="test",
-            public_key=public_key_text(self.key.public_key()),
-            cpu_cores=1,
-            memory_bytes=1 << 30,
-            queues=["fairu.jobs.mine.cpu"],
-            slots=1,
-            free_slots=1,
-            at=utc_now(),
-        )
-        return sign_model(registration, self.key, self.agent_id)
-
-    def heartbeat(self, running_jobs: list[str]) -> bytes:
-        heartbeat = Heartbeat(
-            agent_id=self.agent_id,
-            site="test",
-            state=AgentState.SERVING,
-            running_jobs=running_jobs,
-            free_slots=0,
-            at=utc_now(),
-        )
-        return sign_model(heartbeat, self.key, self.agent_id)
-
-    def lease(
+    def job_lease(
         self,
         action: LeaseAction,
         job: JobSpec,
         message: bytes,
         routing_key: str | None = None,
     ) -> bytes:
-        event = LeaseEvent(
-            action=action,
-            agent_id=self.agent_id,
-            job_id=job.job_id,
-            routing_key=routing_key or job_routing_key(job.competition, job.queue),
-            job_message=base64.b64encode(message).decode(),
-            ttl_s=60,
-            at=utc_now(),
-        )
-        return sign_model(event, self.key, self.agent_id)
+        """Sign a lease event for `job`, published with the job's own routing key
+        unless `routing_key` replaces it."""
+        routing_key = routing_key or job_routing_key(job.competition, job.queue)
+        return self.lease(action, job.job_id, routing_key, message, ttl_s=60)
 
 
 def forged_job(competition: str) -> tuple[JobSpec, bytes]:
@@ -125,7 +80,7 @@ async def test_unapproved_lease_event_stores_nothing(coordinator, action, approv
     job, message = forged_job("someone-elses")
 
     with pytest.raises(RejectedError, match=approval):
-        await coordinator.handle_message(client.lease(action, job, message))
+        await coordinator.handle_message(client.job_lease(action, job, message))
 
     assert coordinator.store.lease(job.job_id) is None
 
@@ -135,7 +90,7 @@ async def test_approved_lease_event_stored(coordinator, action):
     client = await approved_client(coordinator)
     job, message = forged_job("mine")
 
-    await coordinator.handle_message(client.lease(action, job, message))
+    await coordinator.handle_message(client.job_lease(action, job, message))
 
     lease = coordinator.store.lease(job.job_id)
     assert lease is not None
@@ -148,11 +103,11 @@ async def test_other_agent_cannot_renew_or_release(coordinator):
     holder = await approved_client(coordinator)
     other = await approved_client(coordinator)
     job, message = forged_job("mine")
-    await coordinator.handle_message(holder.lease(LeaseAction.CLAIM, job, message))
+    await coordinator.handle_message(holder.job_lease(LeaseAction.CLAIM, job, message))
     claimed = coordinator.store.lease(job.job_id)
 
     await coordinator.handle_message(other.heartbeat([job.job_id]))
-    await coordinator.handle_message(other.lease(LeaseAction.RELEASE, job, message))
+    await coordinator.handle_message(other.job_lease(LeaseAction.RELEASE, job, message))
 
     lease = coordinator.store.lease(job.job_id)
     assert lease == claimed
@@ -165,7 +120,7 @@ async def test_claim_routing_key_must_match_job(coordinator):
 
     with pytest.raises(RejectedError, match="routing key"):
         await coordinator.handle_message(
-            client.lease(LeaseAction.CLAIM, job, message, routing_key)
+            client.job_lease(LeaseAction.CLAIM, job, message, routing_key)
         )
 
     assert coordinator.store.lease(job.job_id) is None

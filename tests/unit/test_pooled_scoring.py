@@ -4,11 +4,9 @@ Every comparison is exact (==) with compute_scores in
 examples/higgsml-demo/scoring_program/score.py on the same records.
 """
 
-import importlib.util
 import json
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,45 +20,28 @@ from fairu.broker.scoring import (
     exact_sum,
     pooled_scores,
 )
-from fairu.protocol.evaluation import ShardState, ShardStatus
+from fairu.protocol.evaluation import ShardState
 
-SCORE_PATH = (
-    Path(__file__).resolve().parents[2]
-    / "examples"
-    / "higgsml-demo"
-    / "scoring_program"
-    / "score.py"
+from ..prediction_data import (
+    load_score_program,
+    random_predictions,
+    shard_status,
 )
 
-
-def _load_score_program():
-    spec = importlib.util.spec_from_file_location(
-        "higgsml_demo_score_pooled", SCORE_PATH
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-reference = _load_score_program()
+reference = load_score_program("higgsml_demo_score_pooled")
 
 
 def make_predictions(rng, num_sets, experiments, *, width_scale=0.3, bias=0.0):
-    """Return (Predictions, mu_true) for a full grid with random intervals."""
-    set_index = np.repeat(np.arange(num_sets, dtype=np.int64), experiments)
-    experiment = np.tile(np.arange(experiments, dtype=np.int64), num_sets)
-    mu_true = rng.uniform(0.5, 2.0, num_sets)
-    mu_hat = mu_true[set_index] + bias + rng.normal(0.0, 0.3, set_index.size)
-    half_width = np.abs(rng.normal(width_scale, width_scale / 3, set_index.size))
-    predictions = Predictions(
-        set=set_index,
-        experiment=experiment,
-        mu_hat=mu_hat,
-        delta_mu_hat=half_width,
-        p16=mu_hat - half_width,
-        p84=mu_hat + rng.uniform(0.5, 1.5, set_index.size) * half_width,
+    """Return (Predictions, mu_true) for a full grid with random, skewed intervals."""
+    return random_predictions(
+        rng,
+        num_sets,
+        experiments,
+        bias=bias,
+        half_width_mean=width_scale,
+        half_width_sd=width_scale / 3,
+        skewed_p84=True,
     )
-    return predictions, mu_true
 
 
 def assert_same_as_reference(predictions, mu_true):
@@ -478,14 +459,8 @@ def test_pooled_shards_equal_unsharded_score():
     for index, (first_set, sets, first_experiment, experiments) in enumerate(
         rectangles
     ):
-        shard = ShardStatus(
-            index=index,
-            first_set=first_set,
-            sets=sets,
-            first_experiment=first_experiment,
-            experiments=experiments,
-            state=ShardState.DONE,
-            attempts=1,
+        shard = shard_status(
+            index, first_set, sets, first_experiment, experiments, ShardState.DONE
         )
         data = _shard_bytes(records, first_set, sets, first_experiment, experiments)
         parts.append(parse_shard(data, shard))

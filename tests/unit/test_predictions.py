@@ -1,8 +1,6 @@
 """Tests of fairu.broker.predictions: parsing, shard completeness, pooling and files."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,27 +22,10 @@ from fairu.broker.predictions import (
     write_predictions_json,
     write_predictions_npz,
 )
-from fairu.protocol.evaluation import ShardState, ShardStatus
 
-SCORE_PATH = (
-    Path(__file__).resolve().parents[2]
-    / "examples"
-    / "higgsml-demo"
-    / "scoring_program"
-    / "score.py"
-)
+from ..prediction_data import load_score_program, shard_status
 
-
-def _load_score_program():
-    spec = importlib.util.spec_from_file_location(
-        "higgsml_demo_score_predictions", SCORE_PATH
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-reference = _load_score_program()
+reference = load_score_program("higgsml_demo_score_predictions")
 
 
 def record(set_index=0, experiment=0, **values):
@@ -59,18 +40,6 @@ def grid_records(first_set, sets, first_experiment, experiments):
         for set_index in range(first_set, first_set + sets)
         for experiment in range(first_experiment, first_experiment + experiments)
     ]
-
-
-def shard_status(index, first_set, sets, first_experiment, experiments):
-    return ShardStatus(
-        index=index,
-        first_set=first_set,
-        sets=sets,
-        first_experiment=first_experiment,
-        experiments=experiments,
-        state=ShardState.RUNNING,
-        attempts=1,
-    )
 
 
 def encode(value):

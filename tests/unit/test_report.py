@@ -9,7 +9,6 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from fairu.broker.predictions import Predictions
 from fairu.broker.report import (
     COVERAGE_PNG,
     FIGURE_DPI,
@@ -24,25 +23,13 @@ from fairu.broker.report import (
 )
 from fairu.broker.scoring import pooled_scores
 
+from ..prediction_data import random_predictions
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def make_predictions(num_sets, experiments, seed=0):
-    rng = np.random.default_rng(seed)
-    set_index = np.repeat(np.arange(num_sets, dtype=np.int64), experiments)
-    experiment = np.tile(np.arange(experiments, dtype=np.int64), num_sets)
-    mu_true = rng.uniform(0.5, 2.0, num_sets)
-    mu_hat = mu_true[set_index] + rng.normal(0.0, 0.3, set_index.size)
-    half_width = np.abs(rng.normal(0.3, 0.1, set_index.size))
-    predictions = Predictions(
-        set=set_index,
-        experiment=experiment,
-        mu_hat=mu_hat,
-        delta_mu_hat=half_width,
-        p16=mu_hat - half_width,
-        p84=mu_hat + half_width,
-    )
-    return predictions, mu_true
+    return random_predictions(np.random.default_rng(seed), num_sets, experiments)
 
 
 def png_size(data):
