@@ -54,8 +54,14 @@ class CoordinatorClient:
     """Blocking calls to the coordinator's API at `url`, such as http://127.0.0.1:8480."""
 
     def __init__(self, url: str, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            # Reading the port checks it: a port that is not a number from 0 to
+            # 65535 raises ValueError here instead of inside urlopen.
+            parts.port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(
                 f"invalid coordinator URL {url!r}: use http://HOST:PORT, such as "
                 f"{DEFAULT_COORDINATOR_URL}"

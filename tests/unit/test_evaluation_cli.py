@@ -177,7 +177,16 @@ def test_evaluations_list_table():
 
 
 @pytest.mark.parametrize(
-    "url", ["127.0.0.1:8480", "ftp://127.0.0.1/", "http://", "coordinator"]
+    "url",
+    [
+        "127.0.0.1:8480",
+        "ftp://127.0.0.1/",
+        "http://",
+        "coordinator",
+        "http://127.0.0.1:notaport",
+        "http://127.0.0.1:99999",
+        "http://[::1",
+    ],
 )
 def test_client_bad_url(url):
     with pytest.raises(ConfigError, match="invalid coordinator URL"):
