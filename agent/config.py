@@ -269,21 +269,26 @@ class SiteConfig(Section):
                     f"cannot read trust.root_key_file {self.trust.root_key_file}: "
                     f"{exc.strerror}; write it with `fairu-admin keys init-root`"
                 ) from None
-        return load_public_key_text(text) if text else None
+        if not text:
+            return None
+        setting = "trust.root_key"
+        if self.trust.root_key_file is not None:
+            setting = f"trust.root_key_file {self.trust.root_key_file}"
+        return _load_key(text, setting)
 
     def trusted_keys(self) -> dict[str, Ed25519PublicKey]:
         keys: dict[str, Ed25519PublicKey] = {}
-        texts = list(self.trust.signing_keys)
+        texts = [(text, "trust.signing_keys") for text in self.trust.signing_keys]
         for path in self.trust.signing_key_files:
             try:
-                texts.append(path.read_text().strip())
+                texts.append((path.read_text().strip(), f"trust.signing_key_files {path}"))
             except OSError as exc:
                 raise ConfigError(
                     f"cannot read trust.signing_key_files entry {path}: {exc.strerror}; "
                     "write it with `fairu-admin keys init` or fix the path"
                 ) from None
-        for text in texts:
-            key = load_public_key_text(text)
+        for text, setting in texts:
+            key = _load_key(text, setting)
             keys[key_id_for(key)] = key
         if not keys and self.root_key() is None:
             raise ConfigError(
@@ -291,6 +296,14 @@ class SiteConfig(Section):
                 "the platform's root public key, or list signing_keys"
             )
         return keys
+
+
+def _load_key(text: str, setting: str) -> Ed25519PublicKey:
+    """Parse a public key from the config, naming the setting it came from on error."""
+    try:
+        return load_public_key_text(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{setting}: {exc}") from None
 
 
 def load_config(path: Path) -> SiteConfig:

@@ -44,13 +44,19 @@ def public_key_text(key: Ed25519PublicKey) -> str:
 
 
 def load_public_key_text(text: str) -> Ed25519PublicKey:
+    if "PRIVATE KEY" in text:
+        # The message must not quote the text, because it would show key material.
+        raise ConfigError(
+            "expected an Ed25519 public key but got a PEM private key; use the .pub "
+            "file next to it (root.pub or signing.pub), and keep private keys off sites"
+        )
     try:
         raw = base64.b64decode(text.strip(), validate=True)
         return Ed25519PublicKey.from_public_bytes(raw)
     except (binascii.Error, ValueError) as exc:
         raise ConfigError(
             f"invalid Ed25519 public key {text[:60]!r}: expected the base64 of 32 raw "
-            "bytes, as printed by `fairu-admin keys init`"
+            "bytes, as `fairu-admin keys init-root` or `keys init` prints it"
         ) from exc
 
 

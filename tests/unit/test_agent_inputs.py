@@ -11,7 +11,11 @@ from fairu.agent.config import load_config
 from fairu.agent.scores import parse_scores, read_scores
 from fairu.broker.jobfile import load_job_file, parse_duration
 from fairu.protocol import ConfigError, ErrorCode, JobError
-from fairu.protocol.signing import generate_private_key, public_key_text
+from fairu.protocol.signing import (
+    generate_private_key,
+    public_key_text,
+    write_private_key,
+)
 
 
 def test_scores_accepts_flat_numbers():
@@ -108,6 +112,23 @@ def test_config_errors_name_the_value(tmp_path, edit, expected):
     path = write_config(tmp_path, body.replace(*edit))
     with pytest.raises(ConfigError, match=expected):
         load_config(path).trusted_keys()
+
+
+@pytest.mark.parametrize("setting", ["root_key_file", "signing_key_files"])
+def test_config_private_key_not_echoed(tmp_path, setting):
+    key_file = tmp_path / "root.key"
+    write_private_key(key_file, generate_private_key())
+    # Past the fixed PKCS#8 prefix, the first line of the PEM body is key material.
+    secret_part = key_file.read_text().splitlines()[1][20:40]
+    value = '"root.key"' if setting == "root_key_file" else '["root.key"]'
+    body = VALID.replace('signing_keys = ["KEY"]', f"{setting} = {value}")
+    path = write_config(tmp_path, body)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path).trusted_keys()
+    message = str(caught.value)
+    assert f"trust.{setting}" in message
+    assert "private key" in message
+    assert secret_part not in message
 
 
 def test_config_reads_unpack_limits(tmp_path):
