@@ -257,6 +257,18 @@ class SiteConfig(Section):
     inputs: InputsSection = InputsSection()
     runner: RunnerSection = RunnerSection()
 
+    @model_validator(mode="after")
+    def _check_unique_queues(self) -> SiteConfig:
+        seen: set[str] = set()
+        for queue in self.queues:
+            if queue.amqp_name in seen:
+                raise ValueError(
+                    f"[[queues]] lists competition {queue.competition!r} name "
+                    f"{queue.name!r} twice; remove the second entry"
+                )
+            seen.add(queue.amqp_name)
+        return self
+
     def root_key(self) -> Ed25519PublicKey | None:
         if self.trust.root_key and self.trust.root_key_file:
             raise ConfigError("set either trust.root_key or trust.root_key_file, not both")

@@ -221,8 +221,11 @@ def describe_validation(exc: ValidationError, limit: int = 5) -> str:
     """Summarise a pydantic error as `field: reason` pairs, without echoing input values."""
     parts = []
     for error in exc.errors(include_input=False, include_url=False)[:limit]:
-        location = ".".join(str(item) for item in error["loc"]) or "(root)"
-        parts.append(f"{location}: {error['msg']}")
+        location = ".".join(str(item) for item in error["loc"])
+        # A validator's own message is a whole sentence, so pydantic's
+        # "Value error, " prefix only gets in the way.
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
     more = exc.error_count() - limit
     if more > 0:
         parts.append(f"and {more} more")

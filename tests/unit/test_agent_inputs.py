@@ -97,6 +97,8 @@ def test_config_resolves_relative_paths(tmp_path):
         pytest.param(('["KEY"]', '["not-a-key"]'), "invalid Ed25519 public key", id="bad-key"),
         pytest.param(("[[queues]]", "[[queue]]"), "queue", id="no-queues"),
         pytest.param(("[site]", "[site"), "not valid TOML", id="bad-toml"),
+        pytest.param(('name = "cpu"', 'name = "cpu"\n[[queues]]\ncompetition = "higgs"\nname = "cpu"'),
+                     "lists competition 'higgs' name 'cpu' twice", id="duplicate-queue"),
         pytest.param(("[agent]", '[broker]\nurl = "not a url"\n[agent]'), "broker.url",
                      id="bad-broker-url"),
         pytest.param(("[[queues]]", '[runner.podman]\ntmpfs_size = "lots"\n[[queues]]'),
@@ -112,6 +114,25 @@ def test_config_errors_name_the_value(tmp_path, edit, expected):
     path = write_config(tmp_path, body.replace(*edit))
     with pytest.raises(ConfigError, match=expected):
         load_config(path).trusted_keys()
+
+
+def test_config_error_reads_as_sentence(tmp_path):
+    body = VALID.replace("state_dir", "lease_ttl_s = 5\nstate_dir")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, body))
+    message = str(caught.value)
+    assert "agent: lease_ttl_s 5 is less than 3 heartbeat intervals" in message
+    assert "Value error" not in message
+
+
+def test_config_model_error_has_no_location(tmp_path):
+    body = VALID + '[[queues]]\ncompetition = "higgs"\nname = "cpu"\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, body))
+    message = str(caught.value)
+    assert message.endswith(": [[queues]] lists competition 'higgs' name 'cpu' twice; "
+                            "remove the second entry")
+    assert "(root)" not in message
 
 
 @pytest.mark.parametrize("setting", ["root_key_file", "signing_key_files"])
