@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-import pika
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -34,6 +33,7 @@ from fairu.protocol.signing import (
 )
 from fairu.protocol.topology import class_needs_gpu, job_queue_name
 
+from .session import check_amqp_url
 from .unpack import UnpackLimits
 
 
@@ -52,12 +52,7 @@ class BrokerSection(Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
-        if not url.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
-        try:
-            pika.URLParameters(url)
-        except (ValueError, IndexError, TypeError):
-            raise ValueError("is not a valid AMQP URL") from None
+        check_amqp_url(url)
         return url
 
 

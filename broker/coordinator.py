@@ -29,7 +29,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from fairu.agent.session import AmqpSession, Delivery, PublishFailed, SessionError
+from fairu.agent.session import (
+    AmqpSession,
+    Delivery,
+    PublishFailed,
+    SessionError,
+    amqp_url_argument,
+)
 from fairu.logs import configure_logging
 from fairu.protocol.errors import ConfigError, ErrorCode, RejectedError
 from fairu.protocol.models import (
@@ -629,7 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--db", type=Path, required=True, help="SQLite database file")
     parser.add_argument(
-        "--broker", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="AMQP URL"
+        "--broker",
+        default="amqp://guest:guest@127.0.0.1:5672/%2F",
+        type=amqp_url_argument,
+        help="AMQP URL of the broker (default: the local guest URL)",
     )
     parser.add_argument(
         "--key",
