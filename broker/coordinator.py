@@ -36,7 +36,7 @@ from fairu.agent.session import (
     SessionError,
     amqp_url_argument,
 )
-from fairu.logs import configure_logging
+from fairu.logs import configure_logging, log_level_argument
 from fairu.protocol.errors import ConfigError, ErrorCode, RejectedError
 from fairu.protocol.models import (
     Envelope,
@@ -681,7 +681,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}; 'off' serves neither). The API has "
         "no authentication, so keep it on loopback or behind an authenticating proxy",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=log_level_argument,
+        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+    )
     args = parser.parse_args(argv)
     if args.lease_expiry_limit < 1:
         parser.error(f"--lease-expiry-limit {args.lease_expiry_limit} must be 1 or more")
