@@ -288,6 +288,19 @@ def format_evaluation(status: EvaluationStatus) -> str:
     return "\n\n".join(parts)
 
 
+# Scores shown per row of `evaluations list`; a HiggsML-style scoring writes dozens of
+# per-set values, which `evaluations show` prints in full.
+LISTED_SCORES = 3
+
+
+def _list_scores(scores: dict[str, float]) -> str:
+    names = list(scores)
+    text = ", ".join(f"{name}={scores[name]:.4g}" for name in names[:LISTED_SCORES])
+    if len(names) > LISTED_SCORES:
+        text += f" (+{len(names) - LISTED_SCORES} more)"
+    return text
+
+
 def format_evaluations(summaries: Sequence[EvaluationSummary]) -> str:
     """Return one row per evaluation; an empty list gives a sentence instead."""
     if not summaries:
@@ -295,7 +308,7 @@ def format_evaluations(summaries: Sequence[EvaluationSummary]) -> str:
     rows = [("EVALUATION", "SUBMISSION", "STATE", "DONE/TOTAL", "RUNNING", "FAILED",
              "SUBMITTED", "SCORES")]
     for summary in summaries:
-        scores = ", ".join(f"{name}={value:.4g}" for name, value in summary.scores.items())
+        scores = _list_scores(summary.scores)
         rows.append((
             summary.evaluation_id,
             summary.submission_id,
