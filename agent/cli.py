@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from fairu.logs import configure_logging
+from fairu.logs import configure_logging, log_level_argument
 from fairu.protocol.errors import ConfigError
 
 from .admission import build_offer, cdi_device_name
@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     start = commands.add_parser("start", help="connect to the broker and serve jobs")
     start.add_argument("--config", type=Path, required=True, help="site config (TOML)")
     start.add_argument(
-        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+        "--log-level",
+        default="INFO",
+        type=log_level_argument,
+        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
     )
     drain = commands.add_parser(
         "drain",
@@ -48,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         "--config", type=Path, help="site config whose reservations and state_dir apply"
     )
     probe.add_argument("--json", action="store_true", help="print JSON")
-    probe.add_argument("--log-level", default="INFO", help="default INFO")
+    probe.add_argument(
+        "--log-level", default="INFO", type=log_level_argument, help="default INFO"
+    )
     args = parser.parse_args(argv)
     if args.command == "drain":
         return _drain(args.config, args.wait)

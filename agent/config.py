@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-import pika
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -34,6 +33,7 @@ from fairu.protocol.signing import (
 )
 from fairu.protocol.topology import class_needs_gpu, job_queue_name
 
+from .session import check_amqp_url
 from .unpack import UnpackLimits
 
 
@@ -52,12 +52,7 @@ class BrokerSection(Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
-        if not url.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
-        try:
-            pika.URLParameters(url)
-        except (ValueError, IndexError, TypeError):
-            raise ValueError("is not a valid AMQP URL") from None
+        check_amqp_url(url)
         return url
 
 
@@ -257,6 +252,18 @@ class SiteConfig(Section):
     inputs: InputsSection = InputsSection()
     runner: RunnerSection = RunnerSection()
 
+    @model_validator(mode="after")
+    def _check_unique_queues(self) -> SiteConfig:
+        seen: set[str] = set()
+        for queue in self.queues:
+            if queue.amqp_name in seen:
+                raise ValueError(
+                    f"[[queues]] lists competition {queue.competition!r} name "
+                    f"{queue.name!r} twice; remove the second entry"
+                )
+            seen.add(queue.amqp_name)
+        return self
+
     def root_key(self) -> Ed25519PublicKey | None:
         if self.trust.root_key and self.trust.root_key_file:
             raise ConfigError("set either trust.root_key or trust.root_key_file, not both")
@@ -269,21 +276,26 @@ class SiteConfig(Section):
                     f"cannot read trust.root_key_file {self.trust.root_key_file}: "
                     f"{exc.strerror}; write it with `fairu-admin keys init-root`"
                 ) from None
-        return load_public_key_text(text) if text else None
+        if not text:
+            return None
+        setting = "trust.root_key"
+        if self.trust.root_key_file is not None:
+            setting = f"trust.root_key_file {self.trust.root_key_file}"
+        return _load_key(text, setting)
 
     def trusted_keys(self) -> dict[str, Ed25519PublicKey]:
         keys: dict[str, Ed25519PublicKey] = {}
-        texts = list(self.trust.signing_keys)
+        texts = [(text, "trust.signing_keys") for text in self.trust.signing_keys]
         for path in self.trust.signing_key_files:
             try:
-                texts.append(path.read_text().strip())
+                texts.append((path.read_text().strip(), f"trust.signing_key_files {path}"))
             except OSError as exc:
                 raise ConfigError(
                     f"cannot read trust.signing_key_files entry {path}: {exc.strerror}; "
                     "write it with `fairu-admin keys init` or fix the path"
                 ) from None
-        for text in texts:
-            key = load_public_key_text(text)
+        for text, setting in texts:
+            key = _load_key(text, setting)
             keys[key_id_for(key)] = key
         if not keys and self.root_key() is None:
             raise ConfigError(
@@ -291,6 +303,14 @@ class SiteConfig(Section):
                 "the platform's root public key, or list signing_keys"
             )
         return keys
+
+
+def _load_key(text: str, setting: str) -> Ed25519PublicKey:
+    """Parse a public key from the config, naming the setting it came from on error."""
+    try:
+        return load_public_key_text(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{setting}: {exc}") from None
 
 
 def load_config(path: Path) -> SiteConfig:

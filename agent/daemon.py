@@ -21,6 +21,8 @@ from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from fairu import __version__
 from fairu.protocol.errors import ErrorCode, RejectedError
 from fairu.protocol.models import (
@@ -62,7 +64,7 @@ from .admission import (
 )
 from .config import SiteConfig
 from .fetch import InputCache
-from .health import AgentMetrics, Gauges, HealthServer
+from .health import AgentMetrics, Gauges, HealthServer, parse_listen
 from .leases import AgentLeases
 from .pipeline import JobPipeline, Outcome, PipelineSettings, message_digest
 from .policy import review_sandbox
@@ -145,6 +147,9 @@ class Agent:
         self._trust_caught_up = asyncio.Event()
         self.sandbox: SandboxInfo | None = None
         self.leases: AgentLeases | None = None
+        # Read once at start, so that removing a used token file does not stop the
+        # agent at its next reconnect.
+        self._enrollment_token: str | None = None
         # Deliveries acked on claim, by id(), so that no later step settles them again.
         self._acked_claims: set[int] = set()
 
@@ -178,6 +183,12 @@ class Agent:
         self.request_stop(immediate=self._stop.requested.is_set())
 
     async def run(self) -> None:
+        # The settings that name files or addresses are checked before the state
+        # folder is touched, so that a broken config leaves nothing behind.
+        root_key, trusted_keys, self._enrollment_token = await asyncio.to_thread(
+            self._read_config_files
+        )
+        parse_listen(self.config.agent.health_listen)
         await asyncio.to_thread(self.state.prepare)
         await asyncio.to_thread(self.state.lock)
         self.identity = await asyncio.to_thread(
@@ -186,8 +197,8 @@ class Agent:
         self.leases = AgentLeases(self.identity, self.state, self.config.agent.lease_ttl_s)
         self.trust = TrustStore(
             self.config.agent.state_dir / "trust",
-            self.config.root_key(),
-            self.config.trusted_keys(),
+            root_key,
+            trusted_keys,
             timedelta(seconds=self.config.agent.clock_skew_s),
         )
         await asyncio.to_thread(self.trust.load)
@@ -240,6 +251,12 @@ class Agent:
                 await self._shutdown()
                 await self.health.stop()
         logger.info("agent %s stopped", self.agent_id)
+
+    def _read_config_files(
+        self,
+    ) -> tuple[Ed25519PublicKey | None, dict[str, Ed25519PublicKey], str | None]:
+        config = self.config
+        return config.root_key(), config.trusted_keys(), config.agent.read_enrollment_token()
 
     def _set_up_admission(self, capacity: Capacity) -> None:
         self.admission, self.gate = set_up_admission(
@@ -818,7 +835,7 @@ class Agent:
             slots=self.config.agent.slots,
             running_jobs=sorted(self.running),
             free_slots=self.free_slots,
-            enrollment_token=self.config.agent.read_enrollment_token(),
+            enrollment_token=self._enrollment_token,
             sandbox=self.sandbox,
             at=utc_now(),
             usable_cpus=self.capacity.usable_cpus,

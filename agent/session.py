@@ -8,6 +8,7 @@ fails with `SessionClosed` and `closed` resolves, so the owner can reconnect.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import logging
@@ -21,6 +22,8 @@ import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
+
+from fairu.protocol.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,29 @@ class _JoinedFramesConnection(AsyncioConnection):
         self._adapter_emit_data(data)
 
 
+def check_amqp_url(url: str) -> None:
+    """Raise ValueError, without quoting the URL and its password, unless pika can use it."""
+    if not url.startswith(("amqp://", "amqps://")):
+        raise ValueError("must start with amqp:// or amqps://")
+    try:
+        pika.URLParameters(url)
+    except (ValueError, IndexError, TypeError) as exc:
+        reason = str(exc) if isinstance(exc, ValueError) else "no virtual host"
+        raise ValueError(
+            f"is not a valid AMQP URL ({reason}); use amqp://USER:PASSWORD@HOST:PORT/VHOST, "
+            "with %2F for the default virtual host"
+        ) from None
+
+
+def amqp_url_argument(url: str) -> str:
+    """Check a --broker value for argparse, which then prints the error and exits 2."""
+    try:
+        check_amqp_url(url)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"the broker URL {exc}") from None
+    return url
+
+
 def redact_url(url: str) -> str:
     """Return the AMQP URL with its password replaced, for log lines and errors."""
     params = pika.URLParameters(url)
@@ -103,6 +129,10 @@ def redact_url(url: str) -> str:
 
 class AmqpSession:
     def __init__(self, url: str, *, name: str, heartbeat_s: int = 30) -> None:
+        try:
+            check_amqp_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"the broker URL {exc}") from None
         self.url = url
         self.name = name
         self._params = pika.URLParameters(url)
@@ -479,5 +509,5 @@ def _open_error(url: str, error: Any) -> SessionError:
     detail = str(error) or repr(error)
     return SessionError(
         f"cannot connect to the broker at {where} ({detail[:300]}); check that "
-        "RabbitMQ runs there and the URL in the config is right"
+        "RabbitMQ runs there and that the broker URL is right"
     )

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from fairu.agent.session import AmqpSession, Delivery, PublishFailed, SessionError
-from fairu.logs import configure_logging
+from fairu.logs import configure_logging, log_level_argument
 from fairu.protocol.errors import ConfigError, RejectedError
 from fairu.protocol.evaluation import EvaluationState
 from fairu.protocol.models import (
@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairu-admin", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING", help="default WARNING")
+    parser.add_argument(
+        "--log-level", default="WARNING", type=log_level_argument, help="default WARNING"
+    )
     parser.add_argument(
         "--broker",
         default=os.environ.get("FAIRU_BROKER_URL", DEFAULT_BROKER_URL),

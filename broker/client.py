@@ -54,8 +54,14 @@ class CoordinatorClient:
     """Blocking calls to the coordinator's API at `url`, such as http://127.0.0.1:8480."""
 
     def __init__(self, url: str, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            # Reading the port checks it: a port that is not a number from 0 to
+            # 65535 raises ValueError here instead of inside urlopen.
+            parts.port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(
                 f"invalid coordinator URL {url!r}: use http://HOST:PORT, such as "
                 f"{DEFAULT_COORDINATOR_URL}"
@@ -282,6 +288,19 @@ def format_evaluation(status: EvaluationStatus) -> str:
     return "\n\n".join(parts)
 
 
+# Scores shown per row of `evaluations list`; a HiggsML-style scoring writes dozens of
+# per-set values, which `evaluations show` prints in full.
+LISTED_SCORES = 3
+
+
+def _list_scores(scores: dict[str, float]) -> str:
+    names = list(scores)
+    text = ", ".join(f"{name}={scores[name]:.4g}" for name in names[:LISTED_SCORES])
+    if len(names) > LISTED_SCORES:
+        text += f" (+{len(names) - LISTED_SCORES} more)"
+    return text
+
+
 def format_evaluations(summaries: Sequence[EvaluationSummary]) -> str:
     """Return one row per evaluation; an empty list gives a sentence instead."""
     if not summaries:
@@ -289,7 +308,7 @@ def format_evaluations(summaries: Sequence[EvaluationSummary]) -> str:
     rows = [("EVALUATION", "SUBMISSION", "STATE", "DONE/TOTAL", "RUNNING", "FAILED",
              "SUBMITTED", "SCORES")]
     for summary in summaries:
-        scores = ", ".join(f"{name}={value:.4g}" for name, value in summary.scores.items())
+        scores = _list_scores(summary.scores)
         rows.append((
             summary.evaluation_id,
             summary.submission_id,

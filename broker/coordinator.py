@@ -29,8 +29,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from fairu.agent.session import AmqpSession, Delivery, PublishFailed, SessionError
-from fairu.logs import configure_logging
+from fairu.agent.session import (
+    AmqpSession,
+    Delivery,
+    PublishFailed,
+    SessionError,
+    amqp_url_argument,
+)
+from fairu.logs import configure_logging, log_level_argument
 from fairu.protocol.errors import ConfigError, ErrorCode, RejectedError
 from fairu.protocol.models import (
     Envelope,
@@ -629,7 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--db", type=Path, required=True, help="SQLite database file")
     parser.add_argument(
-        "--broker", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="AMQP URL"
+        "--broker",
+        default="amqp://guest:guest@127.0.0.1:5672/%2F",
+        type=amqp_url_argument,
+        help="AMQP URL of the broker (default: the local guest URL)",
     )
     parser.add_argument(
         "--key",
@@ -672,7 +681,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}; 'off' serves neither). The API has "
         "no authentication, so keep it on loopback or behind an authenticating proxy",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=log_level_argument,
+        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+    )
     args = parser.parse_args(argv)
     if args.lease_expiry_limit < 1:
         parser.error(f"--lease-expiry-limit {args.lease_expiry_limit} must be 1 or more")

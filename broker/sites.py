@@ -28,6 +28,7 @@ from urllib.parse import quote, urlsplit
 
 from pydantic import TypeAdapter, ValidationError
 
+from fairu.agent.session import check_amqp_url
 from fairu.protocol.errors import ConfigError
 from fairu.protocol.models import Name
 from fairu.protocol.topology import (
@@ -168,6 +169,10 @@ def short_queue_name(amqp_name: str) -> str:
 
 def site_broker_url(admin_url: str, user: str, password: str, vhost: str) -> str:
     """Build the site's AMQP URL from the scheme, host and port of the admin's URL."""
+    try:
+        check_amqp_url(admin_url)
+    except ValueError as exc:
+        raise ConfigError(f"the broker URL in --broker {exc}") from None
     parts = urlsplit(admin_url)
     try:
         port = parts.port

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def log_level_argument(text: str) -> str:
+    """Check a --log-level value for argparse, which then prints the error and exits 2."""
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"invalid log level {text!r}: use one of {', '.join(LOG_LEVELS)}"
+        )
+    return level
 
 
 def configure_logging(level: str = "INFO") -> None:

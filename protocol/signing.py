@@ -44,13 +44,19 @@ def public_key_text(key: Ed25519PublicKey) -> str:
 
 
 def load_public_key_text(text: str) -> Ed25519PublicKey:
+    if "PRIVATE KEY" in text:
+        # The message must not quote the text, because it would show key material.
+        raise ConfigError(
+            "expected an Ed25519 public key but got a PEM private key; use the .pub "
+            "file next to it (root.pub or signing.pub), and keep private keys off sites"
+        )
     try:
         raw = base64.b64decode(text.strip(), validate=True)
         return Ed25519PublicKey.from_public_bytes(raw)
     except (binascii.Error, ValueError) as exc:
         raise ConfigError(
             f"invalid Ed25519 public key {text[:60]!r}: expected the base64 of 32 raw "
-            "bytes, as printed by `fairu-admin keys init`"
+            "bytes, as `fairu-admin keys init-root` or `keys init` prints it"
         ) from exc
 
 
@@ -215,8 +221,11 @@ def describe_validation(exc: ValidationError, limit: int = 5) -> str:
     """Summarise a pydantic error as `field: reason` pairs, without echoing input values."""
     parts = []
     for error in exc.errors(include_input=False, include_url=False)[:limit]:
-        location = ".".join(str(item) for item in error["loc"]) or "(root)"
-        parts.append(f"{location}: {error['msg']}")
+        location = ".".join(str(item) for item in error["loc"])
+        # A validator's own message is a whole sentence, so pydantic's
+        # "Value error, " prefix only gets in the way.
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
     more = exc.error_count() - limit
     if more > 0:
         parts.append(f"and {more} more")

@@ -152,7 +152,8 @@ def verify_job_envelope(
             raise RejectedError(
                 ErrorCode.UNKNOWN_KEY,
                 f"signing key {envelope.key_id!r} comes with no certificate and is not "
-                "among the site's trusted keys",
+                "a trusted signing key here; sign with a key that the root certified "
+                "(`fairu-admin keys issue`) instead of a bare --key",
             )
         return verify_envelope(envelope, trust.direct_keys)
     body, public = verify_certificate(envelope.certificate, trust, now)

@@ -154,21 +154,36 @@ async function renderEvaluations(summaries) {
   document.getElementById("evaluations-empty").hidden = summaries.length > 0;
 }
 
+// The two tables are fetched and drawn apart, so that one failing endpoint, such as
+// the evaluations of a coordinator started without --keys-dir, still shows the other.
 async function refresh() {
   const updated = document.getElementById("updated");
+  const failures = [];
   try {
-    const [agents, evaluations] = await Promise.all([
+    const [agents, evaluations] = await Promise.allSettled([
       getJson(API + "/agents"),
       getJson(API + "/evaluations"),
     ]);
-    renderFleet(agents);
-    await renderEvaluations(evaluations);
-    updated.className = "";
-    updated.textContent = "updated " + new Date().toLocaleTimeString();
+    if (agents.status === "fulfilled") {
+      renderFleet(agents.value);
+    } else {
+      failures.push(agents.reason.message);
+    }
+    if (evaluations.status === "fulfilled") {
+      await renderEvaluations(evaluations.value);
+    } else {
+      failures.push(evaluations.reason.message);
+    }
   } catch (error) {
-    updated.className = "error";
-    updated.textContent = "refresh failed: " + error.message;
+    failures.push(error.message);
   } finally {
+    if (failures.length) {
+      updated.className = "error";
+      updated.textContent = "refresh failed: " + failures.join("; ");
+    } else {
+      updated.className = "";
+      updated.textContent = "updated " + new Date().toLocaleTimeString();
+    }
     window.setTimeout(refresh, REFRESH_MS);
   }
 }

@@ -11,7 +11,11 @@ from fairu.agent.config import load_config
 from fairu.agent.scores import parse_scores, read_scores
 from fairu.broker.jobfile import load_job_file, parse_duration
 from fairu.protocol import ConfigError, ErrorCode, JobError
-from fairu.protocol.signing import generate_private_key, public_key_text
+from fairu.protocol.signing import (
+    generate_private_key,
+    public_key_text,
+    write_private_key,
+)
 
 
 def test_scores_accepts_flat_numbers():
@@ -93,6 +97,8 @@ def test_config_resolves_relative_paths(tmp_path):
         pytest.param(('["KEY"]', '["not-a-key"]'), "invalid Ed25519 public key", id="bad-key"),
         pytest.param(("[[queues]]", "[[queue]]"), "queue", id="no-queues"),
         pytest.param(("[site]", "[site"), "not valid TOML", id="bad-toml"),
+        pytest.param(('name = "cpu"', 'name = "cpu"\n[[queues]]\ncompetition = "higgs"\nname = "cpu"'),
+                     "lists competition 'higgs' name 'cpu' twice", id="duplicate-queue"),
         pytest.param(("[agent]", '[broker]\nurl = "not a url"\n[agent]'), "broker.url",
                      id="bad-broker-url"),
         pytest.param(("[[queues]]", '[runner.podman]\ntmpfs_size = "lots"\n[[queues]]'),
@@ -108,6 +114,42 @@ def test_config_errors_name_the_value(tmp_path, edit, expected):
     path = write_config(tmp_path, body.replace(*edit))
     with pytest.raises(ConfigError, match=expected):
         load_config(path).trusted_keys()
+
+
+def test_config_error_reads_as_sentence(tmp_path):
+    body = VALID.replace("state_dir", "lease_ttl_s = 5\nstate_dir")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, body))
+    message = str(caught.value)
+    assert "agent: lease_ttl_s 5 is less than 3 heartbeat intervals" in message
+    assert "Value error" not in message
+
+
+def test_config_model_error_has_no_location(tmp_path):
+    body = VALID + '[[queues]]\ncompetition = "higgs"\nname = "cpu"\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, body))
+    message = str(caught.value)
+    assert message.endswith(": [[queues]] lists competition 'higgs' name 'cpu' twice; "
+                            "remove the second entry")
+    assert "(root)" not in message
+
+
+@pytest.mark.parametrize("setting", ["root_key_file", "signing_key_files"])
+def test_config_private_key_not_echoed(tmp_path, setting):
+    key_file = tmp_path / "root.key"
+    write_private_key(key_file, generate_private_key())
+    # Past the fixed PKCS#8 prefix, the first line of the PEM body is key material.
+    secret_part = key_file.read_text().splitlines()[1][20:40]
+    value = '"root.key"' if setting == "root_key_file" else '["root.key"]'
+    body = VALID.replace('signing_keys = ["KEY"]', f"{setting} = {value}")
+    path = write_config(tmp_path, body)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path).trusted_keys()
+    message = str(caught.value)
+    assert f"trust.{setting}" in message
+    assert "private key" in message
+    assert secret_part not in message
 
 
 def test_config_reads_unpack_limits(tmp_path):

@@ -524,3 +524,40 @@ async def test_served_document_is_current(http):
     async with http.get("/openapi.json") as response:
         assert response.status == 200
         assert await response.json() == openapi_document()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+async def test_page_fleet_without_evaluations(store, tmp_path):
+    # The page draws the fleet even though every evaluation endpoint responds 503.
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found; scripts/setup-host.sh installs chromium")
+    from playwright.async_api import async_playwright
+
+    agent_id = "uni-a-0123456789abcdef"
+    store.upsert_registration(registration(agent_id))
+    api = ApiServer(make_app(store, None), "127.0.0.1", 0)
+    await api.start()
+    try:
+        async with async_playwright() as playwright:
+            context = await playwright.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM),
+                headless=True, args=["--no-sandbox", "--disable-gpu", "--no-first-run"],
+            )
+            try:
+                page = await context.new_page()
+                await page.goto(api.url + "/")
+                agent_row = page.locator(f'#fleet tr[data-agent-id="{agent_id}"]')
+                await agent_row.wait_for(timeout=30_000)
+                agent_text = await agent_row.inner_text()
+                updated = page.locator("#updated.error")
+                await updated.wait_for(timeout=30_000)
+                updated_text = await updated.inner_text()
+            finally:
+                await context.close()
+    finally:
+        await api.stop()
+
+    assert agent_text.split("\t")[:2] == ["uni-a", agent_id]
+    assert "runs no evaluations" in updated_text

@@ -176,8 +176,30 @@ def test_evaluations_list_table():
     assert format_evaluations([]) == "no evaluations"
 
 
+def test_evaluations_list_caps_scores():
+    scores = {"quantiles_score": 1.5} | {f"set_{i}.coverage": 0.5 for i in range(10)}
+    text = format_evaluations([
+        status(state=EvaluationState.FINISHED, shards_done=4, shards_running=0,
+               scores=scores),
+    ])
+    row = text.splitlines()[1]
+    assert row.endswith(
+        "quantiles_score=1.5, set_0.coverage=0.5, set_1.coverage=0.5 (+8 more)"
+    )
+    assert "set_2.coverage" not in row
+
+
 @pytest.mark.parametrize(
-    "url", ["127.0.0.1:8480", "ftp://127.0.0.1/", "http://", "coordinator"]
+    "url",
+    [
+        "127.0.0.1:8480",
+        "ftp://127.0.0.1/",
+        "http://",
+        "coordinator",
+        "http://127.0.0.1:notaport",
+        "http://127.0.0.1:99999",
+        "http://[::1",
+    ],
 )
 def test_client_bad_url(url):
     with pytest.raises(ConfigError, match="invalid coordinator URL"):
