@@ -233,6 +233,17 @@ class EvaluationStore:
             ).fetchall()
         return {state: count for state, count in rows}
 
+    def cancel_open_shards(self, evaluation_id: str) -> int:
+        """Mark every shard that is neither done nor failed as cancelled; return how
+        many changed."""
+        with self._lock, self._db:
+            cursor = self._db.execute(
+                "UPDATE evaluation_shards SET state = 'cancelled' WHERE evaluation_id = ?"
+                " AND state NOT IN ('done', 'failed')",
+                (evaluation_id,),
+            )
+        return cursor.rowcount
+
     def update_shard(self, evaluation_id: str, index: int, **fields: object) -> None:
         names = ", ".join(f"{name} = ?" for name in fields)
         with self._lock, self._db:

@@ -450,7 +450,10 @@ class Evaluations:
                 error="cancelled by an organizer",
             )
             if changed:
-                logger.info("evaluation %s cancelled", evaluation_id)
+                cancelled = await asyncio.to_thread(self.store.cancel_open_shards, evaluation_id)
+                logger.info(
+                    "evaluation %s cancelled with %d shards not done", evaluation_id, cancelled
+                )
                 await self._end_live_attempts(evaluation_id, "the evaluation was cancelled")
         return await self.status(evaluation_id)
 
@@ -898,6 +901,7 @@ class Evaluations:
         )
         if changed:
             logger.error("evaluation %s failed: %s", evaluation_id, message)
+            await asyncio.to_thread(self.store.cancel_open_shards, evaluation_id)
             await self._end_live_attempts(evaluation_id, f"the evaluation failed: {message}")
 
     # --- checks -------------------------------------------------------------------

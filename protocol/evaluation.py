@@ -115,6 +115,8 @@ class ShardState(StrEnum):
     DONE = "done"
     RETRYING = "retrying"
     FAILED = "failed"
+    # The evaluation was cancelled or failed before this shard was done.
+    CANCELLED = "cancelled"
 
 
 class ShardStatus(Model):

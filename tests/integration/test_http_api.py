@@ -285,7 +285,11 @@ async def test_api_rejects_bad_submissions(api_setup):
 
         async with http.post(f"{base}/{request.evaluation_id}/cancel") as response:
             assert response.status == 200
-            assert (await response.json())["state"] == "cancelled"
+            cancelled = await response.json()
+        assert cancelled["state"] == "cancelled"
+        assert cancelled["shards_running"] == 0
+        assert {shard["state"] for shard in cancelled["shards"]} <= {"done", "cancelled"}
+        assert "cancelled" in {shard["state"] for shard in cancelled["shards"]}
 
 
 # --- the CLI and the page -----------------------------------------------------------
