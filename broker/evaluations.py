@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import random
+import re
 import tarfile
 import time
 from collections.abc import Sequence
@@ -94,6 +95,9 @@ PROGRAM_SCORE_PREFIX = "program."
 # Placeholders naming the shard's rectangle; a command without all of them would run
 # the same experiments in every shard.
 RECTANGLE_PLACEHOLDERS = SHARD_PLACEHOLDERS[:4]
+# A word in braces that looks like a placeholder. Shell parameters such as ${name}
+# are not matched, so `sh -c` commands keep their own braces.
+_UNKNOWN_PLACEHOLDER = re.compile(r"(?<!\$)\{[A-Za-z][A-Za-z0-9_-]*\}")
 
 
 # --- the split rule -------------------------------------------------------------
@@ -1020,6 +1024,13 @@ def _check_request(request: EvaluationRequest, clock_skew: timedelta) -> None:
             ErrorCode.BAD_PAYLOAD,
             f"the command lacks the placeholders {', '.join(missing)}, so every shard "
             "would run the same experiments; pass them to the ingestion program",
+        )
+    unknown = sorted(set(_UNKNOWN_PLACEHOLDER.findall(command)) - set(SHARD_PLACEHOLDERS))
+    if unknown:
+        raise RejectedError(
+            ErrorCode.BAD_PAYLOAD,
+            f"the command contains {', '.join(unknown)}, which is not a placeholder, so "
+            f"it would reach every shard unchanged; use one of {', '.join(SHARD_PLACEHOLDERS)}",
         )
     if (request.scoring == "program") != (request.scoring_program is not None):
         raise RejectedError(

@@ -1,16 +1,23 @@
-"""The split rule of sharded evaluations and the filling of shard placeholders."""
+"""The split rule of sharded evaluations, the filling of shard placeholders and the
+placeholder check of a request."""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import pytest
 
 from fairu.broker.evaluations import (
     Rectangle,
+    _check_request,
     count_shards,
     fill_placeholders,
     shard_job_id,
     split_shards,
 )
+from fairu.protocol.errors import RejectedError
+from fairu.protocol.evaluation import EvaluationRequest
+from fairu.protocol.models import utc_now
 
 
 def _cells(shards: list[Rectangle]) -> list[tuple[int, int]]:
@@ -60,3 +67,37 @@ def test_fill_placeholders_in_every_word() -> None:
 
 def test_shard_job_id_fits_identifier() -> None:
     assert shard_job_id("ev-1", 12, 3) == "ev-1.s12.a3"
+
+
+def _request(command: list[str]) -> EvaluationRequest:
+    now = utc_now()
+    return EvaluationRequest(
+        evaluation_id="ev-1",
+        competition="demo",
+        queue="cpu",
+        submission_id="sub-1",
+        image="localhost/fairu-python:1",
+        command=command,
+        num_sets=2,
+        experiments_per_set=4,
+        shard_size=4,
+        base_seed=1,
+        mu_true=[1.0, 1.0],
+        created_at=now,
+        expires_at=now + timedelta(hours=1),
+    )
+
+
+RECTANGLE = ["{first_set}", "{sets}", "{first_experiment}", "{experiments}"]
+
+
+def test_check_request_rejects_unknown_placeholder() -> None:
+    request = _request(["run", *RECTANGLE, "--seed", "{base-seed}"])
+    with pytest.raises(RejectedError, match=r"contains \{base-seed\}, which is not a placeholder"):
+        _check_request(request, timedelta(minutes=5))
+
+
+def test_check_request_keeps_shell_braces() -> None:
+    script = 'echo "${HOME}" | awk "{print $1}"; exec run "$@"'
+    request = _request(["/bin/sh", "-c", script, "sh", *RECTANGLE, "{attempt}", "{base_seed}"])
+    _check_request(request, timedelta(minutes=5))
