@@ -145,6 +145,8 @@ class AmqpSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed: asyncio.Future[str] | None = None
         self._pending: set[asyncio.Future[Any]] = set()
+        # CancelOk replies still expected, by consumer tag.
+        self._cancelling: dict[str, asyncio.Future[Any]] = {}
         self._confirms: dict[int, _Pending] = {}
         self._returned: set[str] = set()
         self._tags = itertools.count(1)
@@ -360,11 +362,23 @@ class AmqpSession:
         return tag
 
     async def cancel(self, consumer_tag: str) -> None:
+        """Cancel a consumer and wait for the broker's CancelOk.
+
+        pika ignores a second basic_cancel of a tag that is still being cancelled and
+        never calls its callback, so a second call waits for the first call's reply.
+        The reply is shielded, because the first caller may be cancelled meanwhile.
+        """
         if not self.is_open:
             return
-        done = self._request()
-        self.channel.basic_cancel(consumer_tag=consumer_tag, callback=_resolver(done))
-        await done
+        done = self._cancelling.get(consumer_tag)
+        if done is None:
+            if consumer_tag not in self.channel.consumer_tags:
+                return
+            done = self._request()
+            self._cancelling[consumer_tag] = done
+            done.add_done_callback(lambda _done: self._cancelling.pop(consumer_tag, None))
+            self.channel.basic_cancel(consumer_tag=consumer_tag, callback=_resolver(done))
+        await asyncio.shield(done)
 
     def ack(self, delivery_tag: int) -> bool:
         """Ack one delivery; return False when the channel that carried it is gone."""

@@ -57,3 +57,16 @@ async def test_publish_nowait_on_closed_session_raises(broker_url, queue):
     await session.close()
     with pytest.raises(SessionClosed):
         session.publish_nowait("", queue, b"{}")
+
+
+async def test_cancel_twice_waits_for_one_reply(amqp, queue):
+    tag = await amqp.consume(queue, lambda delivery: None)
+    # The first waiter goes away before the broker replies, as the prefetch gate's
+    # task does when the agent stops; the second cancel of the tag must still end.
+    first = asyncio.create_task(amqp.cancel(tag))
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.wait_for(amqp.cancel(tag), 10)
+    assert tag not in amqp.channel.consumer_tags
+    # A tag that is no longer consuming returns at once.
+    await asyncio.wait_for(amqp.cancel(tag), 10)
