@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from fairu.addresses import parse_host_port
 from fairu.protocol.errors import ConfigError
 from fairu.protocol.models import FinalStatus
 
@@ -146,15 +147,8 @@ def _number(value: float) -> str:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """Split "HOST:PORT" (IPv6 in brackets, "[::1]:9100"); raise ConfigError."""
-    host, sep, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(
-            f"invalid agent.health_listen {text!r}: use HOST:PORT, such as "
-            "127.0.0.1:9464"
-        )
-    return host, int(port)
+    """Split `agent.health_listen`; raise ConfigError when it is invalid."""
+    return parse_host_port(text, "agent.health_listen", "127.0.0.1:9464")
 
 
 class HealthServer:

@@ -1,10 +1,11 @@
 """The coordinator's HTTP API and the organizer page, served by aiohttp.
 
 The /api/v1 endpoints return JSON, and every error is {"error": {"code", "message"}}
-with no traceback. The API has no authentication of its own: submissions carry their
-organizer's signature, and the server listens on loopback unless told otherwise,
-where it also rejects Host headers other than loopback names (DNS rebinding) and
-cross-origin POSTs (CSRF from a page the organizer's browser has open).
+with no traceback. The API has no authentication of its own, because submissions carry
+their organizer's signature. The server listens on loopback unless `--http` names
+another address. On loopback it also rejects Host headers other than loopback names
+(DNS rebinding) and cross-origin POSTs (CSRF from a page the organizer's browser has
+open).
 `docs/api.md` describes the endpoints and `docs/openapi.yaml` their schemas.
 """
 
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from fairu.addresses import parse_host_port
 from fairu.protocol.errors import ConfigError, ErrorCode, RejectedError
 from fairu.protocol.evaluation import EvaluationStatus, EvaluationSummary
 
@@ -452,18 +454,8 @@ def fleet(store: Store) -> list[dict[str, Any]]:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """Parse HOST:PORT (IPv6 hosts in brackets) for `--http`."""
-    host, separator, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    if not separator or not host or not port_text.isdigit():
-        raise ConfigError(
-            f"invalid --http {text!r}: use HOST:PORT, such as "
-            f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
-        )
-    port = int(port_text)
-    if not 0 <= port < 65536:
-        raise ConfigError(f"invalid port {port} in --http {text!r}: use 0 to 65535")
-    return host, port
+    """Split HOST:PORT for `--http`; raise ConfigError when it is invalid."""
+    return parse_host_port(text, "--http", f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}")
 
 
 def is_loopback_address(host: str) -> bool:
