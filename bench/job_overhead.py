@@ -7,7 +7,7 @@ the CLI process. The two alternate (ABBA order, so drift hits both alike), after
 warm-up of each. Each agent job and the `podman run` next to it form a pair, and the
 figures are the ratio of the medians and the median paired difference, each with a
 95% bootstrap confidence interval over the pairs. Container creation varies by
-seconds on a loaded disk, so the interval says whether a run can show the target.
+seconds on a loaded disk, so the interval shows whether a run can show the target.
 
     .venv/bin/python bench/job_overhead.py       # 40 jobs each way
 """

@@ -136,7 +136,7 @@ class Coordinator:
         """`key` signs the coordinator's own results; None makes a key for this run.
 
         A job fails once its lease has expired `lease_expiry_limit` times.
-        `evaluations`, when given, is told of every recorded result. `http` is the
+        `evaluations`, when given, receives every recorded result. `http` is the
         (host, port) of the HTTP API and page; None serves neither.
         """
         self.broker_url = broker_url

@@ -1,6 +1,6 @@
 """Read an organizer's evaluation file (TOML) into an `EvaluationRequest` to sign.
 
-The file holds the fields of `EvaluationRequest` except the ones fairu fills in:
+The file contains the fields of `EvaluationRequest` except the ones fairu fills in:
 evaluation_id (a fresh one unless given), created_at and expires_at (from
 `expires_in`). As in a job file, an input may name a local `file` instead of
 `sha256` and `size`. `mu_true_file` may stand for `mu_true`: a JSON list, or an

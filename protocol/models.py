@@ -38,7 +38,7 @@ GpuUuid = Annotated[str, StringConstraints(max_length=128)]
 ArtifactName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 
 # The maximum bytes of result artifacts, all files together, in one result.
-# A result envelope holds the artifacts base64-encoded inside a payload that is itself
+# A result envelope contains the artifacts base64-encoded inside a payload that is itself
 # base64-encoded, so 8 MiB of files take about 14.9 MB of the envelope's 16 MiB.
 MAX_ARTIFACT_BYTES = 8 * 1024 * 1024
 MAX_ARTIFACTS = 16

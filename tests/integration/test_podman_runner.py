@@ -498,7 +498,7 @@ async def test_run_leaves_event_loop_free(runner, run_dir, image):
     assert first[0] < second[1]
     assert second[0] < first[1]
     # A loop blocked by a podman request for the 2 s of a run would tick a few times
-    # at most; a free loop ticks about every 20 ms, even on a loaded machine.
+    # at most. A free loop ticks about every 20 ms, even on a loaded machine.
     assert ticks >= 20
 
 

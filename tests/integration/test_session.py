@@ -61,8 +61,8 @@ async def test_publish_nowait_on_closed_session_raises(broker_url, queue):
 
 async def test_cancel_twice_waits_for_one_reply(amqp, queue):
     tag = await amqp.consume(queue, lambda delivery: None)
-    # The first waiter goes away before the broker replies, as the prefetch gate's
-    # task does when the agent stops; the second cancel of the tag must still end.
+    # The first waiter is cancelled before the broker replies, as the prefetch gate's
+    # task is when the agent stops. The second cancel of the tag must still return.
     first = asyncio.create_task(amqp.cancel(tag))
     await asyncio.sleep(0)
     first.cancel()
