@@ -6,6 +6,7 @@ deletes them when it ends, because the RabbitMQ node may be shared with other us
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -85,6 +86,10 @@ class BenchTopology:
         return f"{self.prefix}.results"
 
     @property
+    def events_exchange(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
     def records_queue(self) -> str:
         return f"{self.prefix}.records"
 
@@ -92,7 +97,24 @@ class BenchTopology:
         connection = pika.BlockingConnection(pika.URLParameters(self.url))
         return connection, connection.channel()
 
+    def declare_platform(self) -> None:
+        """Declare fairu's own exchanges and platform queues, as `fairu-admin topology
+        declare` does, so that a benchmark also runs on a broker that fairu never used."""
+        from fairu.agent.session import AmqpSession
+        from fairu.broker.topology import declare_topology
+
+        async def declare() -> None:
+            session = AmqpSession(self.url, name="fairu-bench topology")
+            await session.open()
+            try:
+                await declare_topology(session)
+            finally:
+                await session.close()
+
+        asyncio.run(declare())
+
     def declare_results(self) -> None:
+        self.declare_platform()
         connection, channel = self._channel()
         try:
             channel.exchange_declare(self.results_exchange, "topic", durable=True)
@@ -102,6 +124,12 @@ class BenchTopology:
             )
             self.queues.append(self.records_queue)
             channel.queue_bind(self.records_queue, self.results_exchange, "result.#")
+            # Agent events replace fairu.events: lease events are routed to the
+            # records queue as in the shared topology, so a claim's confirm also waits
+            # for a quorum-queue write; status events and heartbeats reach no queue.
+            channel.exchange_declare(self.events_exchange, "topic", durable=True)
+            self.exchanges.append(self.events_exchange)
+            channel.queue_bind(self.records_queue, self.events_exchange, "agent.lease.#")
         finally:
             connection.close()
 
@@ -509,7 +537,8 @@ signing_keys = ["{key.public_text}"]
 [agent]
 state_dir = "state"
 slots = {slots}
-heartbeat_interval_s = 3600
+# Heartbeats renew leases, so their interval is at most a third of lease_ttl_s (60 s).
+heartbeat_interval_s = 20
 stop_grace_s = 10
 [[queues]]
 competition = "{competition}"
@@ -523,10 +552,11 @@ socket = "{podman_socket}"
     return config
 
 
-def agent_env(results_exchange: str, skip: str = "") -> dict[str, str]:
+def agent_env(topology: BenchTopology, skip: str = "") -> dict[str, str]:
     return {
         **os.environ,
-        "FAIRU_BENCH_RESULTS_EXCHANGE": results_exchange,
+        "FAIRU_BENCH_RESULTS_EXCHANGE": topology.results_exchange,
+        "FAIRU_BENCH_EVENTS_EXCHANGE": topology.events_exchange,
         "FAIRU_BENCH_SKIP": skip,
     }
 

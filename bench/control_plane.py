@@ -99,7 +99,7 @@ def fairu_system(
         agent_folder, url=url, key=key, competition=competition, queue=queue,
         runner="null", slots=slots,
     )
-    env = common.agent_env(topology.results_exchange, skip)
+    env = common.agent_env(topology, skip)
     if tree is not None:
         env["PYTHONPATH"] = str(common.package_tree(tree, folder))
     trace_path = agent_folder / "stages.json" if trace else None
@@ -129,7 +129,7 @@ def celery_system(
     exchange = f"{topology.prefix}.celery-{index}-jobs"
     topology.declare_job_queue(queue, exchange, queue, own_exchange=True)
     env = {
-        **common.agent_env(topology.results_exchange),
+        **common.agent_env(topology),
         "FAIRU_BENCH_BROKER_URL": url,
         "FAIRU_BENCH_CELERY_QUEUE": queue,
         "FAIRU_BENCH_CELERY_EXCHANGE": exchange,

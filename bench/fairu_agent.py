@@ -1,9 +1,10 @@
-"""Run `fairu-agent` with its results sent to the benchmark's own exchange.
+"""Run `fairu-agent` with its results and events sent to the benchmark's own exchanges.
 
-The agent is the installed `fairu.agent.cli`, unchanged, except that the exchange it
-publishes results to is read from FAIRU_BENCH_RESULTS_EXCHANGE. In the shared topology,
-fairu.results routes every result into fairu.coordinator.records, where thousands of
-benchmark results would wait for the next coordinator that reads that queue.
+The agent is the installed `fairu.agent.cli`, unchanged, except that the exchanges it
+publishes results and events to are read from FAIRU_BENCH_RESULTS_EXCHANGE and
+FAIRU_BENCH_EVENTS_EXCHANGE. In the shared topology, fairu.results and the lease
+events on fairu.events go into fairu.coordinator.records, where thousands of
+benchmark messages would wait for the next coordinator that reads that queue.
 
 FAIRU_BENCH_SKIP, for profiling only, names pipeline steps to leave out, comma
 separated, to measure what each one costs:
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import fairu.agent.daemon
+import fairu.agent.leases
 import fairu.agent.session
 from fairu.agent.cli import main
 from fairu.agent.state import StateDir
@@ -117,8 +119,13 @@ if __name__ == "__main__":
     exchange = os.environ.get("FAIRU_BENCH_RESULTS_EXCHANGE")
     if not exchange:
         sys.exit("fairu_agent.py: error: FAIRU_BENCH_RESULTS_EXCHANGE is not set")
-    # The daemon binds the name at import, so the module attribute is what it uses.
+    events = os.environ.get("FAIRU_BENCH_EVENTS_EXCHANGE")
+    if not events:
+        sys.exit("fairu_agent.py: error: FAIRU_BENCH_EVENTS_EXCHANGE is not set")
+    # The modules bind the names at import, so the module attributes are what they use.
     fairu.agent.daemon.RESULTS_EXCHANGE = exchange
+    fairu.agent.daemon.EVENTS_EXCHANGE = events
+    fairu.agent.leases.EVENTS_EXCHANGE = events
     skipped = os.environ.get("FAIRU_BENCH_SKIP", "")
     skip_steps({name for name in skipped.split(",") if name})
     trace = os.environ.get("FAIRU_BENCH_TRACE")

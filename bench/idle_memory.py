@@ -72,7 +72,7 @@ def agent_factory(
         )
         return common.ServiceProcess(
             f"fairu-agent ({runner} runner)", common.fairu_agent_argv(config),
-            agent_folder / "agent.log", env=common.agent_env(topology.results_exchange),
+            agent_folder / "agent.log", env=common.agent_env(topology),
         )
 
     return make
@@ -85,7 +85,7 @@ def celery_factory(
     exchange = f"{topology.prefix}.celery-jobs"
     topology.declare_job_queue(queue, exchange, queue, own_exchange=True)
     env = {
-        **common.agent_env(topology.results_exchange),
+        **common.agent_env(topology),
         "FAIRU_BENCH_BROKER_URL": url,
         "FAIRU_BENCH_CELERY_QUEUE": queue,
         "FAIRU_BENCH_CELERY_EXCHANGE": exchange,

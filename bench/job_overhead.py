@@ -147,7 +147,7 @@ def main() -> int:
             runner="podman", slots=1, podman_socket=args.socket,
         )
         trace_path = agent_folder / "stages.json"
-        env = {**common.agent_env(topology.results_exchange), "FAIRU_BENCH_TRACE": str(trace_path)}
+        env = {**common.agent_env(topology), "FAIRU_BENCH_TRACE": str(trace_path)}
         agent = common.ServiceProcess(
             "fairu-agent", common.fairu_agent_argv(config), agent_folder / "agent.log", env=env
         )
