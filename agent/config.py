@@ -129,6 +129,12 @@ class AgentSection(Section):
     # Seconds the coordinator keeps a claimed job's lease without a heartbeat that
     # renews it; after that it queues the job again (docs/delivery.md).
     lease_ttl_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    # Seconds a job runs before the agent claims it and acks its delivery; a job
+    # that ends sooner is acked after its result instead, as a short job needs no
+    # lease. 0 claims every job before it starts. Keep it well under the broker's
+    # consumer_timeout (30 minutes by default), which closes the channel of a
+    # delivery left unacked longer.
+    claim_after_s: Annotated[float, Field(ge=0, le=86400)] = 30.0
     max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = (
         DEFAULT_MAX_MESSAGE_BYTES
     )

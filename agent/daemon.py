@@ -97,8 +97,12 @@ class RunningJob:
     # Set by a cancel request; the task is then cancelled and ends the job as cancelled.
     cancel_reason: str | None = None
     # True once the coordinator confirmed the claim and the delivery was acked; a
-    # job that could not be claimed runs with its delivery unacked.
+    # job that is not claimed yet, or could not be, runs with its delivery unacked.
     claimed: bool = False
+    # The task that claims the job once it has run for agent.claim_after_s.
+    claimer: asyncio.Task[None] | None = None
+    # True while that task publishes the claim and acks, which must not be cut short.
+    claiming: bool = False
 
     @property
     def claim(self) -> Claim:
@@ -546,10 +550,17 @@ class Agent:
         running = RunningJob(job, session, delivery, asyncio.current_task())  # type: ignore[arg-type]
         self.running[job.job_id] = running
         try:
-            if not await self._claim(running):
-                return
+            claim_after_s = self.config.agent.claim_after_s
+            if claim_after_s == 0:
+                if not await self._claim(running):
+                    return
+            else:
+                running.claimer = asyncio.create_task(
+                    self._claim_when_long(running, claim_after_s)
+                )
             outcome = await self._execute(running, decision.grant.units)
         finally:
+            await _stop_claimer(running)
             self.running.pop(job.job_id, None)
             self.gate.release(job.job_id)
         if running.claimed:
@@ -606,6 +617,40 @@ class Agent:
         running.claimed = True
         await self._ack_claimed(session, delivery)
         return True
+
+    async def _claim_when_long(self, running: RunningJob, delay_s: float) -> None:
+        """Claim a job that still runs `delay_s` seconds after it started.
+
+        Until then its delivery stays unacked, and a job that ends sooner is acked
+        after its result. A claim that fails leaves the delivery unacked and is tried
+        again `delay_s` later, unless no queue can ever receive it.
+        """
+        assert self.leases is not None
+        job_id = running.job.job_id
+        while True:
+            await asyncio.sleep(delay_s)
+            # The session that carries the delivery, which a redelivery replaces.
+            session = running.session
+            if not session.is_open:
+                continue
+            running.claiming = True
+            try:
+                await self.leases.claim(session, running.claim)
+                running.claimed = True
+                await self._ack_claimed(session, running.delivery)
+                return
+            except SessionError as exc:
+                permanent = isinstance(exc, PublishFailed) and exc.permanent
+                logger.warning(
+                    "agent %s could not claim running job %s (%s); its delivery stays "
+                    "unacked, so the broker's consumer_timeout bounds its run time%s",
+                    self.agent_id, job_id, exc,
+                    "" if permanent else f"; trying again in {delay_s:g} s",
+                )
+                if permanent:
+                    return
+            finally:
+                running.claiming = False
 
     async def _renew_claim(
         self, session: AmqpSession, delivery: Delivery, running: RunningJob
@@ -892,6 +937,20 @@ class Agent:
 def _check_status_confirm(event: StatusEvent, confirm: asyncio.Future[None]) -> None:
     if not confirm.cancelled() and confirm.exception() is not None:
         _log_status_not_sent(event, confirm.exception())
+
+
+async def _stop_claimer(running: RunningJob) -> None:
+    """End a job's claim task: wait for a claim in progress, cancel a waiting one.
+
+    A claim that was published is either acked and marked, or dropped before its
+    error is logged, so `running.claimed` is settled when this returns.
+    """
+    claimer = running.claimer
+    if claimer is None or claimer.done():
+        return
+    if not running.claiming:
+        claimer.cancel()
+    await asyncio.wait([claimer])
 
 
 def _log_status_not_sent(event: StatusEvent, error: BaseException | None) -> None:

@@ -284,6 +284,7 @@ def start_agent(
         stop_grace_s: float = 10,
         heartbeat_interval_s: float = 2,
         lease_ttl_s: float = 12,
+        claim_after_s: float | None = None,
         trust: str | None = None,
         agent_extra: str = "",
         extra: str = "",
@@ -292,6 +293,7 @@ def start_agent(
         """Start an agent; `trust` replaces the [trust] body, `extra` adds sections.
 
         The lease TTL is short, so that a killed agent's job is queued again soon.
+        `claim_after_s` None keeps the agent's default.
         """
         folder = work_root / f"agent-{uuid.uuid4().hex[:8]}"
         folder.mkdir()
@@ -310,6 +312,7 @@ state_dir = "state"
 slots = {slots}
 heartbeat_interval_s = {heartbeat_interval_s}
 lease_ttl_s = {lease_ttl_s}
+{"" if claim_after_s is None else f"claim_after_s = {claim_after_s}"}
 stop_grace_s = {stop_grace_s}
 {agent_extra}
 [[queues]]
@@ -511,7 +514,12 @@ class PrivateSite:
     node_publisher: Any
 
     async def start_agent(self, **options: Any) -> AgentProcess:
-        """Start an approved agent that serves the competition's queue."""
+        """Start an approved agent that serves the competition's queue.
+
+        The lease and fault tests are about claimed jobs, so these agents claim each
+        job before it starts unless `claim_after_s` says otherwise.
+        """
+        options.setdefault("claim_after_s", 0)
         return await asyncio.to_thread(self.agent_starter, self.competition, **options)
 
     def job(self, **fields: Any) -> JobSpec:

@@ -1,8 +1,10 @@
 """Ack on claim and job leases against private broker nodes, agents and rootless podman.
 
-A job's delivery is acked once its claim is confirmed, so the broker's
-consumer_timeout never closes the channel of an agent that runs a long job. The
-coordinator queues a job again when its lease expires or its agent releases it.
+A job is claimed once it has run for agent.claim_after_s, and its delivery is acked
+once its claim is confirmed, so the broker's consumer_timeout never closes the
+channel of an agent that runs a long job. The coordinator queues a job again when its
+lease expires or its agent releases it. Most agents here claim each job before it
+starts (`PrivateSite.start_agent`).
 """
 
 from __future__ import annotations
@@ -217,11 +219,13 @@ async def test_lease_expiry_limit_fails_job(private_site):
     assert store.lease(job.job_id) is None
 
 
-async def test_unroutable_claim_runs_unacked(private_site):
-    agent = await private_site.start_agent(runner="null")
-    # After the agent has started, the coordinator has declared the topology, so it
-    # does not bind the lease routing key again.
-    session = AmqpSession(private_site.broker.url, name="fairu-tests unbind")
+async def unbind_lease_events(url: str) -> None:
+    """Leave lease events unroutable on a node whose coordinator has started.
+
+    The coordinator declared the topology when it started, so it does not bind the
+    lease routing key again.
+    """
+    session = AmqpSession(url, name="fairu-tests unbind")
     await session.open()
     unbound = asyncio.get_running_loop().create_future()
     session.channel.queue_unbind(
@@ -232,6 +236,56 @@ async def test_unroutable_claim_runs_unacked(private_site):
     )
     await asyncio.wait_for(unbound, 10)
     await session.close()
+
+
+async def test_short_job_is_not_claimed(private_site):
+    # The default claim_after_s is 30 s, far longer than this job.
+    agent = await private_site.start_agent(runner="null", claim_after_s=None)
+    job = private_site.job()
+
+    await private_site.publish(job)
+
+    stored = await private_site.recorded_once(job.job_id)
+    assert stored.status == "succeeded"
+    assert f"claimed job {job.job_id}" not in agent.log()
+    assert private_site.coordinator.store.lease(job.job_id) is None
+
+
+async def test_long_job_is_claimed_while_it_runs(private_site):
+    agent = await private_site.start_agent(claim_after_s=2)
+    job = await private_site.start_sleeping_job(agent, 12, "the run")
+
+    await wait_for(
+        lambda: f"claimed job {job.job_id}" in agent.log(), 30, "the claim"
+    )
+    lease = await wait_for(
+        lambda: private_site.coordinator.store.lease(job.job_id), 30, "the lease"
+    )
+    assert lease.agent_id == agent.agent_id
+
+    stored = await private_site.recorded_success(job.job_id)
+    assert stored.agent_id == agent.agent_id
+    assert agent.log().count(started_line(job.job_id)) == 1
+    assert agent.log().count(f"claimed job {job.job_id}") == 1
+
+
+async def test_unroutable_claim_leaves_running_job_unacked(private_site):
+    agent = await private_site.start_agent(claim_after_s=1)
+    await unbind_lease_events(private_site.broker.url)
+    job = await private_site.start_sleeping_job(agent, 6, "the run")
+
+    stored = await private_site.recorded_success(job.job_id)
+    assert stored.agent_id == agent.agent_id
+    log = agent.log()
+    assert f"could not claim running job {job.job_id}" in log
+    assert "its delivery stays unacked" in log
+    assert f"claimed job {job.job_id}" not in log
+    assert log.count(started_line(job.job_id)) == 1
+
+
+async def test_unroutable_claim_runs_unacked(private_site):
+    agent = await private_site.start_agent(runner="null")
+    await unbind_lease_events(private_site.broker.url)
     job = private_site.job()
 
     await private_site.publish(job)
