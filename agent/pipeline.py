@@ -289,7 +289,11 @@ class JobPipeline:
             mounts.append(Mount(source=path, target=f"/inputs/{spec.mount}"))
         durations["fetch_s"] = time.monotonic() - fetch_started
 
-        output = await asyncio.to_thread(self.state.make_work_dir, job.job_id)
+        writes_output = bool(job.artifacts) or self.runner.writes_output(job.command)
+        if writes_output:
+            output = await asyncio.to_thread(self.state.make_work_dir, job.job_id)
+        else:
+            output = self.state.work_dir(job.job_id)
         self._status(job, JobState.RUNNING)
         outcome = await self.runner.run(
             RunSpec(
@@ -336,6 +340,8 @@ class JobPipeline:
                 f"{_describe_exit(outcome.exit_code)}; see log_tail",
                 **logs,
             ), False)
+        if not writes_output:
+            return self._result(job.job_id, job, FinalStatus.SUCCEEDED, scores={}, **logs), True
         self._status(job, JobState.READING_SCORES)
         # One thread hand-off for both file steps of a finished run.
         outputs = await asyncio.to_thread(self._read_outputs_and_clean, job, output)

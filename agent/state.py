@@ -337,12 +337,16 @@ class StateDir:
 
     # --- work folders -----------------------------------------------------------
 
+    def work_dir(self, job_id: str) -> Path:
+        """Return the path of the job's work/<job>/output folder, made or not."""
+        return self.work / _safe_name(job_id) / "output"
+
     def make_work_dir(self, job_id: str) -> Path:
         """Make an empty work/<job>/output folder; the runner sets its owner."""
-        job_dir = self.work / _safe_name(job_id)
+        output = self.work_dir(job_id)
+        job_dir = output.parent
         if job_dir.exists():
             shutil.rmtree(job_dir)
-        output = job_dir / "output"
         output.mkdir(parents=True)
         job_dir.chmod(0o755)
         output.chmod(0o755)

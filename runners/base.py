@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +21,8 @@ class Mount:
 class RunSpec:
     """Everything a runner needs to run one job's container.
 
-    `output_dir` is the one writable bind mount, at /output in the container.
+    `output_dir` is the one writable bind mount, at /output in the container. The
+    pipeline makes it only when the runner's `writes_output` is true for the job.
     `labels` carry at least `fairu.job_id` and `fairu.agent_id`.
     """
 
@@ -59,6 +61,13 @@ class Runner(Protocol):
 
     async def check(self) -> None:
         """Raise `RunnerUnavailable` when the runtime cannot be reached."""
+
+    def writes_output(self, command: Sequence[str]) -> bool:
+        """Return whether a job with this command writes files to /output.
+
+        A job that writes none gets no work folder and reports empty scores. Only
+        the null runner's no-op jobs write none.
+        """
 
     async def run(self, spec: RunSpec) -> RunOutcome:
         """Run the container to completion, enforce the walltime, always remove it.

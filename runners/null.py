@@ -1,7 +1,8 @@
 """A runner that starts no container, for control-plane benchmarks only.
 
-It writes an empty scores.json and reports exit code 0, so a job measures the cost
-of fairu itself: verify, parse, publish with a confirm, ack.
+It writes nothing, so the job gets no work folder and empty scores, and reports exit
+code 0. A job then measures the cost of fairu itself: verify, parse, publish with a
+confirm, ack.
 
 One command is understood instead of being ignored, for benchmarks of sharded
 evaluations: `null-shard SECONDS FIRST_SET SETS FIRST_EXPERIMENT EXPERIMENTS` waits
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fairu.protocol.models import SandboxInfo
@@ -27,16 +29,18 @@ class NullRunner:
     async def check(self) -> None:
         return None
 
+    def writes_output(self, command: Sequence[str]) -> bool:
+        return list(command[:1]) == [SHARD_COMMAND]
+
     async def run(self, spec: RunSpec) -> RunOutcome:
         started = time.monotonic()
-        if spec.command[:1] == [SHARD_COMMAND]:
+        if self.writes_output(spec.command):
             try:
                 seconds, *rectangle = (float(word) for word in spec.command[1:6])
             except ValueError:
                 return _outcome(2, f"{SHARD_COMMAND}: expected five numbers\n", started)
             await asyncio.sleep(seconds)
             await asyncio.to_thread(_write_predictions, spec.output_dir, *map(int, rectangle))
-        await asyncio.to_thread((spec.output_dir / "scores.json").write_text, "{}")
         return _outcome(0, "", started)
 
     async def describe_sandbox(self) -> SandboxInfo:
@@ -80,3 +84,4 @@ def _write_predictions(
         for j in range(first_experiment, first_experiment + experiments)
     ]
     (folder / "predictions.json").write_text(json.dumps(records))
+    (folder / "scores.json").write_text("{}")

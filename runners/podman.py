@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -338,6 +338,9 @@ class PodmanRunner:
         # Concurrent runs write the profile from worker threads.
         self._seccomp_lock = threading.Lock()
         self._seccomp_unavailable_logged = False
+
+    def writes_output(self, command: Sequence[str]) -> bool:
+        return True
 
     async def check(self) -> None:
         answered = await self._call("ping", self._client.ping)
