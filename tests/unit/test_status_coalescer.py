@@ -10,8 +10,13 @@ from typing import Any
 
 import pytest
 
+from fairu.agent.config import SiteConfig
+from fairu.agent.daemon import Agent
+from fairu.agent.state import Identity
 from fairu.agent.status import StatusCoalescer
 from fairu.protocol.models import JobState, StatusEvent, utc_now
+from fairu.protocol.signing import generate_private_key
+from fairu.runners.null import NullRunner
 
 AGENT_ID = "site-0123456789ab"
 
@@ -274,3 +279,60 @@ async def test_event_loop_finish_cancels_timer():
     statuses.finish("job-1")
     await asyncio.sleep(0.15)
     assert published == [("job-1", JobState.VERIFIED)]
+
+
+class FakeSession:
+    """The part of `AmqpSession` that `Agent.publish_status` uses, recording each publish."""
+
+    is_open = True
+
+    def __init__(self) -> None:
+        self.routing_keys: list[str] = []
+
+    def publish_nowait(
+        self, exchange: str, routing_key: str, body: bytes, persistent: bool = True
+    ) -> asyncio.Future[None]:
+        self.routing_keys.append(routing_key)
+        confirm: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        confirm.set_result(None)
+        return confirm
+
+
+def agent_with_session(tmp_path, interval_s: float) -> tuple[Agent, FakeSession]:
+    config = SiteConfig.model_validate(
+        {
+            "site": {"name": "laptop"},
+            "trust": {"signing_keys": []},
+            "agent": {"state_dir": str(tmp_path), "status_interval_s": interval_s},
+            "queues": [{"competition": "higgs", "name": "cpu"}],
+        }
+    )
+    agent = Agent(config, NullRunner())
+    agent.identity = Identity(agent_id=AGENT_ID, key=generate_private_key())
+    session = FakeSession()
+    agent.session = session  # type: ignore[assignment]
+    return agent, session
+
+
+async def test_agent_result_drops_held_status(tmp_path, caplog):
+    agent, session = agent_with_session(tmp_path, 30)
+    for state in (JobState.VERIFIED, JobState.FETCHING, JobState.RUNNING):
+        agent.publish_status(event(state))
+    assert session.routing_keys == ["status.job-1"]
+
+    # With publishing abandoned, publish_result returns before it publishes, as
+    # after a stop; the held status event must be gone all the same.
+    agent._abandon_publishing.set()
+    with caplog.at_level(logging.DEBUG, logger="fairu.agent.status"):
+        await agent.publish_result("job-1", b"result", recorded=True)
+
+    assert len(agent._status_events) == 0
+    assert "job job-1 status running dropped: the job's result follows" in caplog.text
+    assert session.routing_keys == ["status.job-1"]
+
+
+async def test_agent_interval_zero_publishes_all(tmp_path):
+    agent, session = agent_with_session(tmp_path, 0)
+    for state in (JobState.VERIFIED, JobState.FETCHING, JobState.RUNNING):
+        agent.publish_status(event(state))
+    assert session.routing_keys == ["status.job-1"] * 3
