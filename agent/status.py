@@ -25,7 +25,7 @@ class TimerHandle(Protocol):
 
 
 class Clock(Protocol):
-    """The part of an asyncio event loop that the coalescer uses, so tests can fake it."""
+    """The event loop calls that the coalescer uses, which tests replace with a fake."""
 
     def time(self) -> float: ...
 
@@ -58,7 +58,9 @@ class StatusCoalescer:
         clock: Clock | None = None,
     ) -> None:
         if not interval_s >= 0:
-            raise ValueError(f"invalid status interval {interval_s!r}; give 0 or more seconds")
+            raise ValueError(
+                f"invalid status interval {interval_s!r}; give 0 or more seconds"
+            )
         self._publish = publish
         self.interval_s = interval_s
         self._clock = clock
@@ -99,7 +101,8 @@ class StatusCoalescer:
             self._publish(event)
             return
         job.held = event
-        job.timer = clock.call_at(job.sent_at + self.interval_s, self._flush, event.job_id)
+        due = job.sent_at + self.interval_s
+        job.timer = clock.call_at(due, self._flush, event.job_id)
 
     def finish(self, job_id: str) -> None:
         """Drop the job's held event and its state, because its result follows."""

@@ -108,11 +108,12 @@ def test_config_resolves_relative_paths(tmp_path):
         pytest.param(("[[queues]]", "[runner.podman.ulimits]\nnofile = [9, 1]\n[[queues]]"),
                      "soft <= hard", id="ulimit-soft-above-hard"),
         pytest.param(("state_dir", "status_interval_s = -0.5\nstate_dir"),
-                     r"agent.status_interval_s: -0.5 is not a number of seconds from 0 to 60; "
-                     "set 0 to publish every status event at once",
+                     r"agent.status_interval_s: -0.5 is not a number of seconds from 0 "
+                     "to 60; set 0 to publish every status event at once",
                      id="negative-status-interval"),
         pytest.param(("state_dir", "status_interval_s = 120\nstate_dir"),
-                     r"agent.status_interval_s: 120 is not a number of seconds from 0 to 60",
+                     r"agent.status_interval_s: 120 is not a number of seconds from 0 "
+                     "to 60",
                      id="long-status-interval"),
         pytest.param(("state_dir", "status_interval_s = nan\nstate_dir"),
                      r"agent.status_interval_s: nan is not a number of seconds",

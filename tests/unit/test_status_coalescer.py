@@ -1,4 +1,4 @@
-"""Coalescing of each job's status events: what is published, when, and what is dropped."""
+"""Coalescing of each job's status events: what is published, when, what is dropped."""
 
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ class FakeClock:
     def time(self) -> float:
         return self.now
 
-    def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> FakeTimer:
+    def call_at(
+        self, when: float, callback: Callable[..., object], *args: Any
+    ) -> FakeTimer:
         timer = FakeTimer(when, callback, args)
         self.timers.append(timer)
         return timer
@@ -194,7 +196,12 @@ def test_job_after_finish_starts_afresh():
 
 def test_interval_zero_sends_all():
     statuses, published, clock = coalescer(0)
-    states = [JobState.VERIFIED, JobState.FETCHING, JobState.RUNNING, JobState.READING_SCORES]
+    states = [
+        JobState.VERIFIED,
+        JobState.FETCHING,
+        JobState.RUNNING,
+        JobState.READING_SCORES,
+    ]
     for state in states:
         statuses.submit(event(state))
     assert published == [("job-1", state) for state in states]
@@ -282,7 +289,7 @@ async def test_event_loop_finish_cancels_timer():
 
 
 class FakeSession:
-    """The part of `AmqpSession` that `Agent.publish_status` uses, recording each publish."""
+    """The part of `AmqpSession` that status events use, recording each publish."""
 
     is_open = True
 
