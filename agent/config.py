@@ -119,6 +119,9 @@ class QueueSection(Section):
 
 # A lease must outlast this many heartbeat intervals.
 LEASE_TTL_MIN_HEARTBEATS = 3
+# The longest time a status event may be held, so that a watcher learns a job's
+# state within a minute.
+STATUS_INTERVAL_MAX_S = 60.0
 
 
 class AgentSection(Section):
@@ -145,11 +148,25 @@ class AgentSection(Section):
     )
     # Clock skew tolerated when checking created_at and expires_at.
     clock_skew_s: Annotated[float, Field(ge=0, le=3600)] = 60.0
+    # Shortest time between two published status events of one job; the newest
+    # event within it is held until it ends, and 0 publishes each one at once.
+    status_interval_s: float = 0.5
     health_listen: str = "127.0.0.1:0"
     # A one-time token from `fairu-admin agents enroll`, inline or in a file; the
     # coordinator approves the agent on its first registration with it.
     enrollment_token: str | None = None
     enrollment_token_file: Path | None = None
+
+    @field_validator("status_interval_s")
+    @classmethod
+    def _check_status_interval(cls, value: float) -> float:
+        if not 0 <= value <= STATUS_INTERVAL_MAX_S:
+            raise ValueError(
+                f"{value:g} is not a number of seconds from 0 to "
+                f"{STATUS_INTERVAL_MAX_S:g}; set 0 to publish every status event at "
+                "once, or a fraction of a second such as the default 0.5"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check_lease_ttl(self) -> AgentSection:

@@ -71,6 +71,7 @@ from .policy import review_sandbox
 from .probe import Capacity, probe_capacity
 from .session import AmqpSession, Delivery, PublishFailed, SessionError
 from .state import Claim, Identity, StateDir
+from .status import StatusCoalescer
 from .trust import TrustStore
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,9 @@ class Agent:
         self._enrollment_token: str | None = None
         # Deliveries acked on claim, by id(), so that no later step settles them again.
         self._acked_claims: set[int] = set()
+        self._status_events = StatusCoalescer(
+            self._publish_status_now, config.agent.status_interval_s
+        )
 
     @property
     def agent_id(self) -> str:
@@ -391,6 +395,7 @@ class Agent:
                 except SessionError:
                     break
         await self._drain()
+        self._status_events.clear()
         self.agent_state = AgentState.STOPPED
         if session is not None and session.is_open:
             try:
@@ -427,6 +432,8 @@ class Agent:
             )
             assert job.task is not None
             job.task.cancel()
+            # The job ends here without a result, so its held status event goes too.
+            self._status_events.finish(job.job.job_id)
         await asyncio.gather(*(job.task for job in unfinished if job.task), return_exceptions=True)
         for job in unfinished:
             await self._hand_back(job)
@@ -783,6 +790,10 @@ class Agent:
     # --- publishing (the pipeline's `Publisher`) --------------------------------
 
     def publish_status(self, event: StatusEvent) -> None:
+        """Publish the event now, or hold it for `agent.status_interval_s`."""
+        self._status_events.submit(event)
+
+    def _publish_status_now(self, event: StatusEvent) -> None:
         session = self.session
         if session is None or not session.is_open:
             return
@@ -798,6 +809,9 @@ class Agent:
         confirm.add_done_callback(lambda done: _check_status_confirm(event, done))
 
     async def publish_result(self, job_id: str, body: bytes, recorded: bool = False) -> None:
+        # Each job's result is published through here. Dropping the job's held status
+        # event first means that no status event follows the result.
+        self._status_events.finish(job_id)
         routing_key = result_routing_key(job_id)
         # A recorded result's row in jobs.sqlite is its spool; others get a file.
         path = (

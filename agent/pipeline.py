@@ -57,7 +57,8 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 class Publisher(Protocol):
     def publish_status(self, event: StatusEvent) -> None:
-        """Publish without waiting for the confirm, which arrives later or is logged."""
+        """Publish now or after the site's status interval, without waiting for the
+        confirm, which arrives later or is logged."""
 
     async def publish_result(self, job_id: str, body: bytes, recorded: bool = False) -> None:
         """Publish until the broker confirms, waiting out reconnects.

@@ -107,6 +107,17 @@ def test_config_resolves_relative_paths(tmp_path):
                      "unknown ulimit", id="unknown-ulimit"),
         pytest.param(("[[queues]]", "[runner.podman.ulimits]\nnofile = [9, 1]\n[[queues]]"),
                      "soft <= hard", id="ulimit-soft-above-hard"),
+        pytest.param(("state_dir", "status_interval_s = -0.5\nstate_dir"),
+                     r"agent.status_interval_s: -0.5 is not a number of seconds from 0 "
+                     "to 60; set 0 to publish every status event at once",
+                     id="negative-status-interval"),
+        pytest.param(("state_dir", "status_interval_s = 120\nstate_dir"),
+                     r"agent.status_interval_s: 120 is not a number of seconds from 0 "
+                     "to 60",
+                     id="long-status-interval"),
+        pytest.param(("state_dir", "status_interval_s = nan\nstate_dir"),
+                     r"agent.status_interval_s: nan is not a number of seconds",
+                     id="nan-status-interval"),
     ],
 )
 def test_config_errors_name_the_value(tmp_path, edit, expected):
@@ -114,6 +125,14 @@ def test_config_errors_name_the_value(tmp_path, edit, expected):
     path = write_config(tmp_path, body.replace(*edit))
     with pytest.raises(ConfigError, match=expected):
         load_config(path).trusted_keys()
+
+
+def test_config_status_interval(tmp_path):
+    config = load_config(write_config(tmp_path, VALID))
+    assert config.agent.status_interval_s == 0.5
+    body = VALID.replace("state_dir", "status_interval_s = 0\nstate_dir")
+    config = load_config(write_config(tmp_path, body))
+    assert config.agent.status_interval_s == 0
 
 
 def test_config_error_reads_as_sentence(tmp_path):
