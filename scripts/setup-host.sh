@@ -104,11 +104,67 @@ log_driver = "k8s-file"
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"'
-    # Without this file, podman 4.3 picked vfs for this user on Debian 12 hosts. The file pins
-    # that choice, because changing the driver of a store that has images in it needs
-    # `podman system reset`. vfs copies the whole image for each container.
-    write_user_file "$FAIRU_HOME/.config/containers/storage.conf" '[storage]
-driver = "vfs"'
+    # Without this file, podman 4.3 picked vfs for this user on Debian 12 hosts, and vfs
+    # copies the whole image for each container. overlay shares the image's layers.
+    local driver
+    driver="$(storage_driver)"
+    reset_store_of_other_driver "$driver"
+    write_user_file "$FAIRU_HOME/.config/containers/storage.conf" "[storage]
+driver = \"$driver\""
+    log "podman storage driver of $FAIRU_USER: $driver"
+}
+
+# Run a command as the fairu user, with the environment its podman needs.
+as_fairu() {
+    (cd / && runuser -u "$FAIRU_USER" -- env HOME="$FAIRU_HOME" USER="$FAIRU_USER" \
+        XDG_RUNTIME_DIR="$RUNTIME_DIR" PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin "$@")
+}
+
+# Print overlay when the kernel mounts overlay inside the user's own user namespace
+# (Linux 5.13 and newer), as rootless podman does without fuse-overlayfs; else vfs.
+storage_driver() {
+    local probe
+    probe="$(mktemp -d /tmp/fairu-overlay-probe.XXXXXX)"
+    chown "$FAIRU_UID:$FAIRU_GID" "$probe"
+    if as_fairu unshare --user --map-root-user --mount sh -c \
+        'cd "$1" && mkdir lower upper work merged &&
+         mount -t overlay overlay -o lowerdir=lower,upperdir=upper,workdir=work merged' \
+        sh "$probe" >/dev/null 2>&1; then
+        echo overlay
+    else
+        echo vfs
+    fi
+    rm -rf "$probe"
+}
+
+# A store made with another driver keeps its images under <driver>-images, and podman
+# refuses to open it with a new driver. Reset it: that removes its images and
+# containers, and build-image.sh imports the image again from its cached root file system.
+reset_store_of_other_driver() {
+    local driver="$1" store="$FAIRU_HOME/.local/share/containers/storage" other
+    for other in overlay vfs; do
+        if [[ "$other" != "$driver" && -d "$store/$other-images" ]]; then
+            log "resetting the $other podman store of $FAIRU_USER, to use the $driver driver"
+            stop_podman_service
+            as_fairu podman --storage-driver "$other" system reset --force >/dev/null
+        fi
+    done
+}
+
+stop_podman_service() {
+    local pids waited=0
+    pids="$(pgrep -u "$FAIRU_UID" -f "system service .*unix://$SOCKET_PATH" || true)"
+    [[ -n "$pids" ]] || return 0
+    log "stopping the podman API service of $FAIRU_USER"
+    # shellcheck disable=SC2086  # one PID per word
+    kill $pids
+    while pgrep -u "$FAIRU_UID" -f "system service .*unix://$SOCKET_PATH" >/dev/null; do
+        if ((waited >= WAIT_PODMAN_S)); then
+            die "the podman API service of $FAIRU_USER did not stop within ${WAIT_PODMAN_S} s"
+        fi
+        sleep 1
+        waited=$((waited + 1))
+    done
 }
 
 podman_responds() {

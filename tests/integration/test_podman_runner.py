@@ -9,13 +9,16 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import podman
 import pytest
+from podman.domain.containers_manager import ContainersManager
 
 from fairu.runners import (
     ContainerError,
@@ -432,19 +435,26 @@ async def test_cancelled_run_removes_container(runner, client, run_dir, image):
 
 
 async def test_run_cancelled_during_create_removes_container(
-    runner, client, run_dir, image, caplog
+    runner, client, run_dir, image, caplog, monkeypatch
 ):
     caplog.set_level(logging.INFO, logger="fairu.runners.podman")
     spec = make_spec(run_dir, image, ["sleep", "30"])
-    # Read the host information and write the seccomp profile now, so that run()
-    # reaches the create request at once.
-    await runner.describe_sandbox()
+    # The create call waits in its worker thread until the test has cancelled run(),
+    # because a create can return within milliseconds.
+    entered, release = threading.Event(), threading.Event()
+    real_create = ContainersManager.create
+
+    def held_create(self: ContainersManager, *args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        return real_create(self, *args, **kwargs)
+
+    monkeypatch.setattr(ContainersManager, "create", held_create)
     task = asyncio.create_task(runner.run(spec))
-    # Creating a container copies the whole image with vfs (0.4 s to 2.9 s on a 2-core
-    # VM), so the cancellation lands while the create request is in flight.
-    await asyncio.sleep(0.1)
+    assert await asyncio.to_thread(entered.wait, 30)
 
     task.cancel()
+    release.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     # close() waits for the removal that follows the creation.
