@@ -148,8 +148,9 @@ class AgentSection(Section):
     )
     # Clock skew tolerated when checking created_at and expires_at.
     clock_skew_s: Annotated[float, Field(ge=0, le=3600)] = 60.0
-    # Shortest time between two published status events of one job; the newest
-    # event within it is held until it ends, and 0 publishes each one at once.
+    # Shortest time between a job's start and its first published status event, and
+    # between two published events of one job; the newest event within it is held
+    # until it ends, and 0 publishes each one at once.
     status_interval_s: float = 0.5
     health_listen: str = "127.0.0.1:0"
     # A one-time token from `fairu-admin agents enroll`, inline or in a file; the

@@ -1,10 +1,11 @@
 """Per-job coalescing of status events, so that short jobs publish fewer of them.
 
-The first status event of a job is published at once. A later event that comes
-within `interval_s` of the job's last published event is held instead, a newer one
-replaces it, and the held event is published when the interval ends. `finish`
-drops the job's held event before its result is published, so that no status
-event of a job follows its result.
+A job's first interval of `interval_s` starts with its first status event. An event
+that comes within an interval of the job's start or of its last published event is
+held, a newer one replaces it, and the held event is published when the interval
+ends. `finish` drops the job's held event before its result is published, so that
+no status event of a job follows its result, and a job that ends within its first
+interval publishes its result alone.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Clock(Protocol):
 
 @dataclass
 class _JobStatus:
-    # Clock time of the job's last published event.
+    # Clock time of the job's last published event, or of its first event.
     sent_at: float
     held: StatusEvent | None = None
     # The timer that publishes `held`, which is set exactly when `held` is.
@@ -84,8 +85,9 @@ class StatusCoalescer:
         now = clock.time()
         job = self._jobs.get(event.job_id)
         if job is None:
-            self._jobs[event.job_id] = _JobStatus(sent_at=now)
-            self._publish(event)
+            # The first interval starts now, as if an event had just been published.
+            job = self._jobs[event.job_id] = _JobStatus(sent_at=now, held=event)
+            job.timer = clock.call_at(now + self.interval_s, self._flush, event.job_id)
             return
         if job.held is not None:
             # The timer is already set, so the newer event only replaces the held one.

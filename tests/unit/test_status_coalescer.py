@@ -79,9 +79,16 @@ def coalescer(interval_s: float = 0.5) -> tuple[StatusCoalescer, Published, Fake
     return StatusCoalescer(published, interval_s, clock), published, clock
 
 
-def test_first_event_published_at_once():
-    statuses, published, clock = coalescer()
+def test_first_event_held_for_one_interval():
+    statuses, published, clock = coalescer(0.5)
     statuses.submit(event(JobState.VERIFIED))
+    assert published == []
+    [timer] = clock.pending()
+    assert timer.when == pytest.approx(1000.5)
+
+    clock.advance(0.49)
+    assert published == []
+    clock.advance(0.01)
     assert published == [("job-1", JobState.VERIFIED)]
     assert clock.pending() == []
 
@@ -93,7 +100,7 @@ def test_burst_keeps_only_newest():
     statuses.submit(event(JobState.FETCHING))
     clock.advance(0.01)
     statuses.submit(event(JobState.RUNNING))
-    assert published == [("job-1", JobState.VERIFIED)]
+    assert published == []
     held = statuses.held_event("job-1")
     assert held is not None
     assert held.state is JobState.RUNNING
@@ -101,7 +108,7 @@ def test_burst_keeps_only_newest():
     assert len(clock.pending()) == 1
 
     clock.advance(1.0)
-    assert published == [("job-1", JobState.VERIFIED), ("job-1", JobState.RUNNING)]
+    assert published == [("job-1", JobState.RUNNING)]
 
 
 def test_held_event_flushed_when_interval_ends():
@@ -110,12 +117,13 @@ def test_held_event_flushed_when_interval_ends():
     clock.advance(0.1)
     statuses.submit(event(JobState.FETCHING))
     [timer] = clock.pending()
+    # The first event's interval, not one from the newer event.
     assert timer.when == pytest.approx(1000.5)
 
     clock.advance(0.39)
-    assert published == [("job-1", JobState.VERIFIED)]
+    assert published == []
     clock.advance(0.01)
-    assert published == [("job-1", JobState.VERIFIED), ("job-1", JobState.FETCHING)]
+    assert published == [("job-1", JobState.FETCHING)]
     assert statuses.held_event("job-1") is None
     assert clock.pending() == []
 
@@ -128,18 +136,18 @@ def test_interval_counts_from_flush():
     clock.advance(0.4)  # FETCHING is published at 1000.5.
     clock.advance(0.3)
     statuses.submit(event(JobState.RUNNING))
-    assert published == [("job-1", JobState.VERIFIED), ("job-1", JobState.FETCHING)]
+    assert published == [("job-1", JobState.FETCHING)]
     [timer] = clock.pending()
     assert timer.when == pytest.approx(1001.0)
 
     clock.advance(0.2)
-    assert published[-1] == ("job-1", JobState.RUNNING)
-    assert len(published) == 3
+    assert published == [("job-1", JobState.FETCHING), ("job-1", JobState.RUNNING)]
 
 
 def test_event_after_interval_published_at_once():
     statuses, published, clock = coalescer(0.5)
     statuses.submit(event(JobState.VERIFIED))
+    clock.advance(0.5)  # VERIFIED is published at 1000.5.
     clock.advance(0.5)
     statuses.submit(event(JobState.FETCHING))
     clock.advance(10)
@@ -167,9 +175,11 @@ def test_finish_drops_held_and_cancels_timer(caplog):
     assert len(statuses) == 0
     assert statuses.held_event("job-1") is None
     clock.advance(5)
-    assert published == [("job-1", JobState.VERIFIED)]
+    # A job that ends within its first interval publishes no status event.
+    assert published == []
     messages = [record.getMessage() for record in caplog.records]
     assert messages == [
+        "job job-1 status verified dropped: replaced by fetching within 0.5 s",
         "job job-1 status fetching dropped: replaced by running within 0.5 s",
         "job job-1 status running dropped: the job's result follows",
     ]
@@ -179,10 +189,12 @@ def test_finish_drops_held_and_cancels_timer(caplog):
 def test_finish_without_held_event():
     statuses, published, clock = coalescer()
     statuses.submit(event(JobState.VERIFIED))
+    clock.advance(0.5)
     statuses.finish("job-1")
     statuses.finish("job-2")
     assert len(statuses) == 0
     assert published == [("job-1", JobState.VERIFIED)]
+    assert clock.pending() == []
 
 
 def test_job_after_finish_starts_afresh():
@@ -191,7 +203,8 @@ def test_job_after_finish_starts_afresh():
     statuses.finish("job-1")
     clock.advance(0.01)
     statuses.submit(event(JobState.VERIFIED))
-    assert published == [("job-1", JobState.VERIFIED), ("job-1", JobState.VERIFIED)]
+    clock.advance(0.5)
+    assert published == [("job-1", JobState.VERIFIED)]
 
 
 def test_interval_zero_sends_all():
@@ -217,7 +230,7 @@ def test_clear_drops_everything(caplog):
     statuses.submit(event(JobState.RUNNING, "job-1"))
     statuses.submit(event(JobState.FETCHING, "job-2"))
     timers = clock.pending()
-    assert len(timers) == 2
+    assert len(timers) == 3
 
     with caplog.at_level(logging.DEBUG, logger="fairu.agent.status"):
         statuses.clear()
@@ -225,10 +238,11 @@ def test_clear_drops_everything(caplog):
     assert all(timer.cancelled for timer in timers)
     assert len(statuses) == 0
     clock.advance(5)
-    assert [state for _job, state in published] == [JobState.VERIFIED] * 3
+    assert published == []
     assert sorted(record.getMessage() for record in caplog.records) == [
         "job job-1 status running dropped: the agent is stopping",
         "job job-2 status fetching dropped: the agent is stopping",
+        "job job-3 status verified dropped: the agent is stopping",
     ]
 
 
@@ -240,16 +254,12 @@ def test_jobs_are_independent():
     statuses.submit(event(JobState.FETCHING, "job-1"))
     clock.advance(0.1)
     statuses.submit(event(JobState.FETCHING, "job-2"))
-    assert published == [("job-1", JobState.VERIFIED), ("job-2", JobState.VERIFIED)]
+    assert published == []
     assert [timer.when for timer in clock.pending()] == pytest.approx([1000.5, 1000.6])
 
     statuses.finish("job-2")
     clock.advance(1)
-    assert published == [
-        ("job-1", JobState.VERIFIED),
-        ("job-2", JobState.VERIFIED),
-        ("job-1", JobState.FETCHING),
-    ]
+    assert published == [("job-1", JobState.FETCHING)]
     assert len(statuses) == 1
 
 
@@ -268,12 +278,12 @@ async def test_event_loop_timers():
     statuses.submit(event(JobState.FETCHING))
     statuses.submit(event(JobState.RUNNING))
     began = loop.time()
-    assert published == [("job-1", JobState.VERIFIED)]
+    assert published == []
 
-    while len(published) < 2 and loop.time() - began < 2:
+    while not published and loop.time() - began < 2:
         await asyncio.sleep(0.01)
 
-    assert published == [("job-1", JobState.VERIFIED), ("job-1", JobState.RUNNING)]
+    assert published == [("job-1", JobState.RUNNING)]
     assert loop.time() - began >= 0.04
     assert statuses.held_event("job-1") is None
 
@@ -285,7 +295,7 @@ async def test_event_loop_finish_cancels_timer():
     statuses.submit(event(JobState.RUNNING))
     statuses.finish("job-1")
     await asyncio.sleep(0.15)
-    assert published == [("job-1", JobState.VERIFIED)]
+    assert published == []
 
 
 class FakeSession:
@@ -325,7 +335,7 @@ async def test_agent_result_drops_held_status(tmp_path, caplog):
     agent, session = agent_with_session(tmp_path, 30)
     for state in (JobState.VERIFIED, JobState.FETCHING, JobState.RUNNING):
         agent.publish_status(event(state))
-    assert session.routing_keys == ["status.job-1"]
+    assert session.routing_keys == []
 
     # With publishing abandoned, publish_result returns before it publishes, as
     # after a stop; the held status event must be gone all the same.
@@ -335,7 +345,7 @@ async def test_agent_result_drops_held_status(tmp_path, caplog):
 
     assert len(agent._status_events) == 0
     assert "job job-1 status running dropped: the job's result follows" in caplog.text
-    assert session.routing_keys == ["status.job-1"]
+    assert session.routing_keys == []
 
 
 async def test_agent_interval_zero_publishes_all(tmp_path):
