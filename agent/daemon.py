@@ -104,6 +104,10 @@ class RunningJob:
     claimer: asyncio.Task[None] | None = None
     # True while that task publishes the claim and acks, which must not be cut short.
     claiming: bool = False
+    # True once the job has its result. A cancel request or a drain no longer cancels
+    # its task then, because the task only waits for a claim in progress and settles
+    # the delivery.
+    ended: bool = False
 
     @property
     def claim(self) -> Claim:
@@ -426,6 +430,10 @@ class Agent:
         immediate.cancel()
         all_done.cancel()
         unfinished = [job for job in self.running.values() if job.task and not job.task.done()]
+        # A job that has its result only waits for a claim in progress, at most the
+        # claim's publish timeout, so it settles on its own instead of going back.
+        ending = [job.task for job in unfinished if job.ended and job.task]
+        unfinished = [job for job in unfinished if not job.ended]
         for job in unfinished:
             logger.warning(
                 "agent %s handing job %s back to be run again", self.agent_id, job.job.job_id
@@ -434,7 +442,9 @@ class Agent:
             job.task.cancel()
             # The job ends here without a result, so its held status event goes too.
             self._status_events.finish(job.job.job_id)
-        await asyncio.gather(*(job.task for job in unfinished if job.task), return_exceptions=True)
+        await asyncio.gather(
+            *(job.task for job in unfinished if job.task), *ending, return_exceptions=True
+        )
         for job in unfinished:
             await self._hand_back(job)
 
@@ -566,10 +576,13 @@ class Agent:
                     self._claim_when_long(running, claim_after_s)
                 )
             outcome = await self._execute(running, decision.grant.units)
+            running.ended = True
         finally:
-            await _stop_claimer(running)
-            self.running.pop(job.job_id, None)
-            self.gate.release(job.job_id)
+            try:
+                await _stop_claimer(running)
+            finally:
+                self.running.pop(job.job_id, None)
+                self.gate.release(job.job_id)
         if running.claimed:
             assert self.leases is not None
             self._count_outcome(outcome)
@@ -750,7 +763,12 @@ class Agent:
         reason = request.reason or "cancelled by the platform"
         self.cancelled[request.job_id] = reason
         running = self.running.get(request.job_id)
-        if running is not None and running.task is not None and running.cancel_reason is None:
+        if (
+            running is not None
+            and running.task is not None
+            and running.cancel_reason is None
+            and not running.ended
+        ):
             logger.warning("agent %s cancelling running job %s: %s", self.agent_id,
                            request.job_id, reason)
             running.cancel_reason = reason

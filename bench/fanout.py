@@ -1,7 +1,8 @@
 """Fan-out of one sharded evaluation: 400 shards of 0.5 s over 8 agent slots.
 
 The coordinator runs in this process with `Evaluations`; two `fairu-agent`
-processes with 4 slots each run the shard jobs with the null runner's `null-shard`
+processes (through bench/fairu_agent.py, so that their results and events go to the
+benchmark's own exchanges) with 4 slots each run the shard jobs with the null runner's `null-shard`
 command, which waits 0.5 s and writes the shard's predictions. The null runner
 keeps the measurement on fairu's own work (signing, publishing with confirms,
 verifying, returning the artifact, checking and recording each shard): a rootless
@@ -36,7 +37,7 @@ from fairu.broker.store import Store
 from fairu.broker.topology import declare_job_queue, declare_topology
 from fairu.protocol.evaluation import EvaluationRequest, EvaluationState
 from fairu.protocol.models import Resources, utc_now
-from fairu.protocol.topology import EVENTS_EXCHANGE, RESULTS_EXCHANGE, job_queue_name
+from fairu.protocol.topology import job_queue_name
 
 TARGET_RATIO = 1.15
 
@@ -72,18 +73,22 @@ async def run(args: argparse.Namespace) -> float:
     prefix = common.unique_prefix()
     work = common.make_work_folder(prefix)
     competition = f"b-{uuid.uuid4().hex[:8]}"
+    # The agents publish to the benchmark's own exchanges, so that their results and
+    # registrations do not wait in fairu.coordinator.records for the next coordinator.
+    topology = common.BenchTopology(args.broker, prefix)
+    await asyncio.to_thread(topology.declare_results)
     queues = CoordinatorQueues(
-        records=f"{prefix}.records", heartbeats=f"{prefix}.heartbeats", dead_letters=None
+        records=topology.records_queue, heartbeats=f"{prefix}.heartbeats", dead_letters=None
     )
     session = AmqpSession(args.broker, name="fairu-bench fanout")
     await session.open()
     await declare_topology(session)
     await declare_job_queue(session, competition, "cpu")
-    for name in (queues.records, queues.heartbeats):
-        await session.declare_queue(name, durable=False, arguments={"x-expires": 900_000})
-    await session.bind(queues.records, RESULTS_EXCHANGE, "result.#")
-    await session.bind(queues.records, EVENTS_EXCHANGE, "agent.registration.#")
-    await session.bind(queues.heartbeats, EVENTS_EXCHANGE, "agent.heartbeat.#")
+    await session.declare_queue(
+        queues.heartbeats, durable=False, arguments={"x-expires": 900_000}
+    )
+    await session.bind(queues.records, topology.events_exchange, "agent.registration.#")
+    await session.bind(queues.heartbeats, topology.events_exchange, "agent.heartbeat.#")
 
     folder = KeyFolder(work / "keys")
     folder.init_root()
@@ -108,9 +113,8 @@ async def run(args: argparse.Namespace) -> float:
             log = open(agent_dir / "agent.log", "wb")
             agents.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "fairu.agent.cli", "start", "--config",
-                     str(config), "--log-level", "WARNING"],
-                    stdout=log, stderr=subprocess.STDOUT,
+                    common.fairu_agent_argv(config, "WARNING"),
+                    stdout=log, stderr=subprocess.STDOUT, env=common.agent_env(topology),
                 )
             )
         while sum(a["approval"] == "approved" for a in store.agents()) < args.agents:
@@ -160,9 +164,9 @@ async def run(args: argparse.Namespace) -> float:
         await asyncio.wait_for(serving, 60)
         store.close()
         await session.delete_queue(job_queue_name(competition, "cpu"))
-        for name in (queues.records, queues.heartbeats):
-            await session.delete_queue(name)
+        await session.delete_queue(queues.heartbeats)
         await session.close()
+        await asyncio.to_thread(topology.delete_all)
         if not os.environ.get("FAIRU_KEEP_BENCH_WORK"):
             common.remove_folder(work)
 
