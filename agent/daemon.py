@@ -669,6 +669,16 @@ class Agent:
                 )
                 if permanent:
                     return
+            except Exception:
+                # A fault outside the broker session, such as the state folder's
+                # database, must not end this task unseen.
+                logger.exception(
+                    "agent %s failed claiming running job %s; its delivery stays unacked%s",
+                    self.agent_id, job_id,
+                    "" if running.claimed else f"; trying again in {delay_s:g} s",
+                )
+                if running.claimed:
+                    return
             finally:
                 running.claiming = False
 

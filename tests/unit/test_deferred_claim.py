@@ -8,6 +8,7 @@ can be interleaved exactly.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from datetime import timedelta
 from typing import Any
 
@@ -248,3 +249,36 @@ async def test_stop_while_job_runs_hands_back(tmp_path):
     assert session.settled == [("requeue", 1)]
     assert not leases.claim_started.is_set()
     assert leases.released == []
+
+
+class FlakyLeases(SlowLeases):
+    """Leases whose first claim fails outside the broker session, as a full disk would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+        self.confirm.set()
+
+    async def claim(self, session: Any, claim: Any) -> None:
+        self.attempts += 1
+        if self.attempts == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        await super().claim(session, claim)
+
+
+async def test_claim_failing_outside_session_is_tried_again(tmp_path, caplog):
+    agent, fakes = agent_with_fakes(tmp_path, claim_after_s=0.01)
+    leases = fakes["leases"] = agent.leases = FlakyLeases()  # type: ignore[assignment]
+    session, pipeline = fakes["session"], fakes["pipeline"]
+    handler = asyncio.create_task(agent._handle(session, delivery()))
+
+    await asyncio.wait_for(leases.claim_started.wait(), 5)
+    await asyncio.sleep(0.05)
+    pipeline.end_job.set()
+    await asyncio.wait_for(handler, 5)
+
+    assert leases.attempts == 2
+    assert "failed claiming running job job-1" in caplog.text
+    assert "trying again in 0.01 s" in caplog.text
+    assert session.settled == [("ack", 1)]
+    assert leases.finished == ["job-1"]
