@@ -106,11 +106,15 @@ cgroup_manager = "cgroupfs"
 events_logger = "file"'
     # Without this file, podman 4.3 picked vfs for this user on Debian 12 hosts, and vfs
     # copies the whole image for each container. overlay shares the image's layers.
-    local driver
-    driver="$(storage_driver)"
-    reset_store_of_other_driver "$driver"
-    write_user_file "$FAIRU_HOME/.config/containers/storage.conf" "[storage]
+    local driver conf="$FAIRU_HOME/.config/containers/storage.conf"
+    driver="$(choose_storage_driver)"
+    local content="[storage]
 driver = \"$driver\""
+    if [[ -f "$conf" ]] && [[ "$(cat "$conf")" != "$content" ]]; then
+        # A running service keeps the driver it started with.
+        stop_podman_service
+    fi
+    write_user_file "$conf" "$content"
     log "podman storage driver of $FAIRU_USER: $driver"
 }
 
@@ -120,35 +124,43 @@ as_fairu() {
         XDG_RUNTIME_DIR="$RUNTIME_DIR" PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin "$@")
 }
 
-# Print overlay when the kernel mounts overlay inside the user's own user namespace
-# (Linux 5.13 and newer), as rootless podman does without fuse-overlayfs; else vfs.
-storage_driver() {
-    local probe
-    probe="$(mktemp -d /tmp/fairu-overlay-probe.XXXXXX)"
-    chown "$FAIRU_UID:$FAIRU_GID" "$probe"
-    if as_fairu unshare --user --map-root-user --mount sh -c \
-        'cd "$1" && mkdir lower upper work merged &&
-         mount -t overlay overlay -o lowerdir=lower,upperdir=upper,workdir=work merged' \
-        sh "$probe" >/dev/null 2>&1; then
+# Print the storage driver for the user's store. A store keeps its images under
+# <driver>-images. An overlay store is kept as it is. A vfs store moves to overlay
+# when overlay works. The move resets the store, which removes its images and
+# containers, and build-image.sh then imports the image again from its cached root
+# file system. A new store gets overlay when overlay works.
+choose_storage_driver() {
+    local store="$FAIRU_HOME/.local/share/containers/storage"
+    if [[ -d "$store/overlay-images" ]]; then
         echo overlay
-    else
+    elif ! overlay_works; then
         echo vfs
+    else
+        if [[ -d "$store/vfs-images" ]]; then
+            log "resetting the vfs podman store of $FAIRU_USER, to use the overlay driver" >&2
+            stop_podman_service >&2
+            as_fairu podman --storage-driver vfs system reset --force >/dev/null ||
+                die "podman system reset of the vfs store in $store failed, and the store" \
+                    "may be partly removed; run this script again to reset it again"
+        fi
+        echo overlay
     fi
-    rm -rf "$probe"
 }
 
-# A store made with another driver keeps its images under <driver>-images, and podman
-# refuses to open it with a new driver. Reset it: that removes its images and
-# containers, and build-image.sh imports the image again from its cached root file system.
-reset_store_of_other_driver() {
-    local driver="$1" store="$FAIRU_HOME/.local/share/containers/storage" other
-    for other in overlay vfs; do
-        if [[ "$other" != "$driver" && -d "$store/$other-images" ]]; then
-            log "resetting the $other podman store of $FAIRU_USER, to use the $driver driver"
-            stop_podman_service
-            as_fairu podman --storage-driver "$other" system reset --force >/dev/null
-        fi
-    done
+# Succeed when the kernel mounts overlay inside the user's own user namespace (Linux
+# 5.13 and newer), as rootless podman does without fuse-overlayfs. The test mount is
+# made next to the store, on the file system that the store would use.
+overlay_works() {
+    local parent="$FAIRU_HOME/.local/share/containers" probe status=0
+    install -d -m 0700 -o "$FAIRU_UID" -g "$FAIRU_GID" "$FAIRU_HOME/.local" \
+        "$FAIRU_HOME/.local/share" "$parent"
+    probe="$(as_fairu mktemp -d "$parent/overlay-probe.XXXXXX")"
+    as_fairu unshare --user --map-root-user --mount sh -c \
+        'cd "$1" && mkdir lower upper work merged &&
+         mount -t overlay overlay -o lowerdir=lower,upperdir=upper,workdir=work merged' \
+        sh "$probe" >/dev/null 2>&1 || status=$?
+    rm -rf "$probe"
+    return "$status"
 }
 
 stop_podman_service() {
