@@ -124,9 +124,9 @@ class BenchTopology:
             )
             self.queues.append(self.records_queue)
             channel.queue_bind(self.records_queue, self.results_exchange, "result.#")
-            # Agent events replace fairu.events: lease events are routed to the
-            # records queue as in the shared topology, so a claim's confirm also waits
-            # for a quorum-queue write; status events and heartbeats reach no queue.
+            # Agent events replace fairu.events. Lease events are routed to the records
+            # queue as in the shared topology, so a claim's confirm also waits for a
+            # quorum-queue write. Status events and heartbeats reach no queue.
             channel.exchange_declare(self.events_exchange, "topic", durable=True)
             self.exchanges.append(self.events_exchange)
             channel.queue_bind(self.records_queue, self.events_exchange, "agent.lease.#")
@@ -519,13 +519,20 @@ def write_agent_config(
     folder: Path,
     *,
     url: str,
-    key: SigningKey,
+    trust: str,
     competition: str,
     queue: str,
     runner: str,
     slots: int,
+    heartbeat_interval_s: float = 20,
+    agent_extra: str = "",
     podman_socket: str = "unix:///run/user/1001/podman/podman.sock",
 ) -> Path:
+    """Write a bench agent's site config; `trust` is the body of its [trust] section.
+
+    Heartbeats renew leases, so `heartbeat_interval_s` is at most a third of the
+    default lease_ttl_s of 60 s.
+    """
     config = folder / "site.toml"
     config.write_text(
         f"""[site]
@@ -533,13 +540,13 @@ name = "bench"
 [broker]
 url = "{url}"
 [trust]
-signing_keys = ["{key.public_text}"]
+{trust}
 [agent]
 state_dir = "state"
 slots = {slots}
-# Heartbeats renew leases, so their interval is at most a third of lease_ttl_s (60 s).
-heartbeat_interval_s = 20
+heartbeat_interval_s = {heartbeat_interval_s}
 stop_grace_s = 10
+{agent_extra}
 [[queues]]
 competition = "{competition}"
 name = "{queue}"
@@ -550,6 +557,11 @@ socket = "{podman_socket}"
 """
     )
     return config
+
+
+def signing_key_trust(key: SigningKey) -> str:
+    """Return the [trust] body that accepts jobs signed by `key`."""
+    return f'signing_keys = ["{key.public_text}"]'
 
 
 def agent_env(topology: BenchTopology, skip: str = "") -> dict[str, str]:

@@ -96,8 +96,8 @@ def fairu_system(
     agent_folder.mkdir()
     agent_folder.chmod(0o755)
     config = common.write_agent_config(
-        agent_folder, url=url, key=key, competition=competition, queue=queue,
-        runner="null", slots=slots,
+        agent_folder, url=url, trust=common.signing_key_trust(key),
+        competition=competition, queue=queue, runner="null", slots=slots,
     )
     env = common.agent_env(topology, skip)
     if tree is not None:

@@ -26,7 +26,6 @@ import sys
 import time
 import uuid
 from datetime import timedelta
-from pathlib import Path
 
 import common
 from fairu.agent.session import AmqpSession
@@ -40,33 +39,6 @@ from fairu.protocol.models import Resources, utc_now
 from fairu.protocol.topology import job_queue_name
 
 TARGET_RATIO = 1.15
-
-
-def agent_config(
-    folder: Path, url: str, root_key: str, token: str, competition: str, slots: int
-) -> Path:
-    config = folder / "site.toml"
-    config.write_text(
-        f"""[site]
-name = "bench"
-[broker]
-url = "{url}"
-[trust]
-root_key = "{root_key}"
-[agent]
-state_dir = "state"
-slots = {slots}
-heartbeat_interval_s = 5
-stop_grace_s = 10
-enrollment_token = "{token}"
-[[queues]]
-competition = "{competition}"
-name = "cpu"
-[runner]
-kind = "null"
-"""
-    )
-    return config
 
 
 async def run(args: argparse.Namespace) -> float:
@@ -107,8 +79,10 @@ async def run(args: argparse.Namespace) -> float:
             agent_dir = work / f"agent-{index}"
             agent_dir.mkdir()
             token = store.add_enrollment_token("bench")
-            config = agent_config(
-                agent_dir, args.broker, root_key, token, competition, slots_per_agent
+            config = common.write_agent_config(
+                agent_dir, url=args.broker, trust=f'root_key = "{root_key}"',
+                competition=competition, queue="cpu", runner="null", slots=slots_per_agent,
+                heartbeat_interval_s=5, agent_extra=f'enrollment_token = "{token}"',
             )
             log = open(agent_dir / "agent.log", "wb")
             agents.append(

@@ -67,8 +67,9 @@ def agent_factory(
         agent_folder.mkdir()
         agent_folder.chmod(0o755)
         config = common.write_agent_config(
-            agent_folder, url=url, key=key, competition=competition, queue="cpu",
-            runner=runner, slots=1, podman_socket=socket,
+            agent_folder, url=url, trust=common.signing_key_trust(key),
+            competition=competition, queue="cpu", runner=runner, slots=1,
+            podman_socket=socket,
         )
         return common.ServiceProcess(
             f"fairu-agent ({runner} runner)", common.fairu_agent_argv(config),

@@ -143,8 +143,9 @@ def main() -> int:
         agent_folder.mkdir()
         agent_folder.chmod(0o755)
         config = common.write_agent_config(
-            agent_folder, url=args.broker, key=key, competition=competition, queue="cpu",
-            runner="podman", slots=1, podman_socket=args.socket,
+            agent_folder, url=args.broker, trust=common.signing_key_trust(key),
+            competition=competition, queue="cpu", runner="podman", slots=1,
+            podman_socket=args.socket,
         )
         trace_path = agent_folder / "stages.json"
         env = {**common.agent_env(topology), "FAIRU_BENCH_TRACE": str(trace_path)}
