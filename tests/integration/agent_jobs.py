@@ -1,4 +1,4 @@
-"""Job commands, polling and podman checks shared by the fault and lease tests."""
+"""Job commands, polling, status watching and podman checks shared by agent tests."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import podman
+
+from fairu.agent.session import AmqpSession, Delivery
+from fairu.protocol.models import StatusEvent
+from fairu.protocol.signing import open_unverified
+from fairu.protocol.topology import EVENTS_EXCHANGE
 
 T = TypeVar("T")
 
@@ -84,3 +89,19 @@ def remove_agent_containers(socket_url: str, agent_id: str) -> None:
             all=True, filters={"label": f"fairu.agent_id={agent_id}"}
         ):
             container.remove(force=True)
+
+
+async def watch_status(url: str, job_id: str) -> tuple[AmqpSession, list[StatusEvent]]:
+    """Collect the status events of one job on a node."""
+    session = AmqpSession(url, name="fairu-tests status watcher")
+    await session.open()
+    events: list[StatusEvent] = []
+    queue = await session.declare_queue("", durable=False, exclusive=True, auto_delete=True)
+    await session.bind(queue, EVENTS_EXCHANGE, f"status.{job_id}")
+
+    def on_delivery(delivery: Delivery) -> None:
+        session.ack(delivery.delivery_tag)
+        events.append(open_unverified(delivery.body, StatusEvent))
+
+    await session.consume(queue, on_delivery)
+    return session, events

@@ -20,8 +20,7 @@ import pytest
 
 from fairu.agent.session import AmqpSession, Delivery
 from fairu.broker.coordinator import Coordinator
-from fairu.protocol.models import JobState, LeaseAction, StatusEvent
-from fairu.protocol.signing import open_unverified
+from fairu.protocol.models import JobState, LeaseAction
 from fairu.protocol.topology import (
     EVENTS_EXCHANGE,
     job_routing_key,
@@ -32,6 +31,7 @@ from fairu.protocol.topology import (
 from ..signed_agent import SignedAgent
 from .agent_jobs import (
     remove_agent_containers,
+    watch_status,
     sleeping_command,
     started_line,
     wait_for,
@@ -45,22 +45,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.podman]
 SHORT_CONSUMER_TIMEOUT = ["consumer_timeout = 5000"]
 # Longer than the consumer timeout plus one full channel tick, with a margin.
 LONG_JOB_S = 75
-
-
-async def watch_status(url: str, job_id: str) -> tuple[AmqpSession, list[StatusEvent]]:
-    """Collect the status events of one job on a node."""
-    session = AmqpSession(url, name="fairu-tests status watcher")
-    await session.open()
-    events: list[StatusEvent] = []
-    queue = await session.declare_queue("", durable=False, exclusive=True, auto_delete=True)
-    await session.bind(queue, EVENTS_EXCHANGE, f"status.{job_id}")
-
-    def on_delivery(delivery: Delivery) -> None:
-        session.ack(delivery.delivery_tag)
-        events.append(open_unverified(delivery.body, StatusEvent))
-
-    await session.consume(queue, on_delivery)
-    return session, events
 
 
 async def hold_unacked(url: str) -> tuple[AmqpSession, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from datetime import timedelta
 from typing import Any
 
 from fairu.agent.admission import Decision, Grant, Verdict
@@ -23,22 +22,10 @@ from fairu.protocol.signing import generate_private_key
 from fairu.runners.null import NullRunner
 from pika.spec import BasicProperties
 
+from ..job_specs import job_spec
+
 AGENT_ID = "site-0123456789ab"
 QUEUE = "fairu.jobs.higgs.cpu"
-
-
-def job_spec(job_id: str = "job-1") -> JobSpec:
-    now = utc_now()
-    return JobSpec(
-        job_id=job_id,
-        competition="higgs",
-        queue="cpu",
-        submission_id="submission-1",
-        image="none",
-        command=["true"],
-        created_at=now,
-        expires_at=now + timedelta(hours=1),
-    )
 
 
 def delivery(tag: int = 1) -> Delivery:
