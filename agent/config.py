@@ -119,7 +119,7 @@ class QueueSection(Section):
 
 # A lease must outlast this many heartbeat intervals.
 LEASE_TTL_MIN_HEARTBEATS = 3
-# The longest time a status event may be held, so that a watcher learns a job's
+# The maximum time a status event may be held, so that a watcher learns a job's
 # state within a minute.
 STATUS_INTERVAL_MAX_S = 60.0
 
@@ -132,11 +132,11 @@ class AgentSection(Section):
     # Seconds the coordinator keeps a claimed job's lease without a heartbeat that
     # renews it; after that it queues the job again (docs/delivery.md).
     lease_ttl_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
-    # Seconds a job runs before the agent claims it and acks its delivery; a job
-    # that ends sooner is acked after its result instead, as a short job needs no
-    # lease. 0 claims every job before it starts. Keep it well under the broker's
-    # consumer_timeout (30 minutes by default), which closes the channel of a
-    # delivery left unacked longer.
+    # Seconds a job runs before the agent claims it and acks its delivery. A job
+    # that ends sooner needs no lease, so it is acked after its result. 0 claims
+    # every job before it starts. Keep it well under the broker's consumer_timeout
+    # (30 minutes by default), which closes the channel of a delivery left unacked
+    # longer.
     claim_after_s: Annotated[float, Field(ge=0, le=86400)] = 30.0
     max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = (
         DEFAULT_MAX_MESSAGE_BYTES
@@ -148,9 +148,9 @@ class AgentSection(Section):
     )
     # Clock skew tolerated when checking created_at and expires_at.
     clock_skew_s: Annotated[float, Field(ge=0, le=3600)] = 60.0
-    # Shortest time between a job's start and its first published status event, and
-    # between two published events of one job; the newest event within it is held
-    # until it ends, and 0 publishes each one at once.
+    # Minimum time from a job's start to its first published status event, and
+    # between two published events of one job. The newest event within it waits
+    # until it ends. 0 publishes each event at once.
     status_interval_s: float = 0.5
     health_listen: str = "127.0.0.1:0"
     # A one-time token from `fairu-admin agents enroll`, inline or in a file; the

@@ -39,8 +39,8 @@ class Clock(Protocol):
 class _JobStatus:
     # Clock time of the job's last published event, or of its first event.
     sent_at: float
-    held: StatusEvent | None = None
-    # The timer that publishes `held`, which is set exactly when `held` is.
+    pending: StatusEvent | None = None
+    # The timer that publishes `pending`, which is set exactly when `pending` is.
     timer: TimerHandle | None = None
 
 
@@ -71,10 +71,10 @@ class StatusCoalescer:
         """Return the number of jobs whose state the coalescer keeps."""
         return len(self._jobs)
 
-    def held_event(self, job_id: str) -> StatusEvent | None:
+    def pending_event(self, job_id: str) -> StatusEvent | None:
         """Return the job's event that waits for its interval to end, if any."""
         job = self._jobs.get(job_id)
-        return job.held if job else None
+        return job.pending if job else None
 
     def submit(self, event: StatusEvent) -> None:
         """Publish `event` now, or hold it until the job's interval ends."""
@@ -86,23 +86,23 @@ class StatusCoalescer:
         job = self._jobs.get(event.job_id)
         if job is None:
             # The first interval starts now, as if an event had just been published.
-            job = self._jobs[event.job_id] = _JobStatus(sent_at=now, held=event)
+            job = self._jobs[event.job_id] = _JobStatus(sent_at=now, pending=event)
             job.timer = clock.call_at(now + self.interval_s, self._flush, event.job_id)
             return
-        if job.held is not None:
+        if job.pending is not None:
             # The timer is already set, so the newer event only replaces the held one.
             logger.debug(
                 "job %s status %s dropped: replaced by %s within %g s",
-                job.held.job_id, job.held.state.value, event.state.value,
+                job.pending.job_id, job.pending.state.value, event.state.value,
                 self.interval_s,
             )
-            job.held = event
+            job.pending = event
             return
         if now - job.sent_at >= self.interval_s:
             job.sent_at = now
             self._publish(event)
             return
-        job.held = event
+        job.pending = event
         due = job.sent_at + self.interval_s
         job.timer = clock.call_at(due, self._flush, event.job_id)
 
@@ -110,34 +110,34 @@ class StatusCoalescer:
         """Drop the job's held event and its state, because its result follows."""
         job = self._jobs.pop(job_id, None)
         if job is not None:
-            self._drop_held(job, "the job's result follows")
+            self._drop_pending(job, "the job's result follows")
 
     def clear(self) -> None:
         """Drop every held event and all state, for a stop of the agent."""
         jobs = list(self._jobs.values())
         self._jobs.clear()
         for job in jobs:
-            self._drop_held(job, "the agent is stopping")
+            self._drop_pending(job, "the agent is stopping")
 
     def _flush(self, job_id: str) -> None:
         job = self._jobs.get(job_id)
-        if job is None or job.held is None:
+        if job is None or job.pending is None:
             return
-        event = job.held
-        job.held = None
+        event = job.pending
+        job.pending = None
         job.timer = None
         job.sent_at = self._get_clock().time()
         self._publish(event)
 
-    def _drop_held(self, job: _JobStatus, reason: str) -> None:
+    def _drop_pending(self, job: _JobStatus, reason: str) -> None:
         if job.timer is not None:
             job.timer.cancel()
-        if job.held is not None:
+        if job.pending is not None:
             logger.debug(
                 "job %s status %s dropped: %s",
-                job.held.job_id, job.held.state.value, reason,
+                job.pending.job_id, job.pending.state.value, reason,
             )
-        job.held = None
+        job.pending = None
         job.timer = None
 
     def _get_clock(self) -> Clock:

@@ -517,7 +517,7 @@ class PrivateSite:
         """Start an approved agent that serves the competition's queue.
 
         The lease and fault tests are about claimed jobs, so these agents claim each
-        job before it starts unless `claim_after_s` says otherwise.
+        job before it starts unless the test passes another `claim_after_s`.
         """
         options.setdefault("claim_after_s", 0)
         return await asyncio.to_thread(self.agent_starter, self.competition, **options)

@@ -101,9 +101,9 @@ def test_burst_keeps_only_newest():
     clock.advance(0.01)
     statuses.submit(event(JobState.RUNNING))
     assert published == []
-    held = statuses.held_event("job-1")
-    assert held is not None
-    assert held.state is JobState.RUNNING
+    pending = statuses.pending_event("job-1")
+    assert pending is not None
+    assert pending.state is JobState.RUNNING
     # One timer for the held event, however many events replaced it.
     assert len(clock.pending()) == 1
 
@@ -124,7 +124,7 @@ def test_held_event_flushed_when_interval_ends():
     assert published == []
     clock.advance(0.01)
     assert published == [("job-1", JobState.FETCHING)]
-    assert statuses.held_event("job-1") is None
+    assert statuses.pending_event("job-1") is None
     assert clock.pending() == []
 
 
@@ -173,7 +173,7 @@ def test_finish_drops_held_and_cancels_timer(caplog):
 
     assert timer.cancelled
     assert len(statuses) == 0
-    assert statuses.held_event("job-1") is None
+    assert statuses.pending_event("job-1") is None
     clock.advance(5)
     # A job that ends within its first interval publishes no status event.
     assert published == []
@@ -285,7 +285,7 @@ async def test_event_loop_timers():
 
     assert published == [("job-1", JobState.RUNNING)]
     assert loop.time() - began >= 0.04
-    assert statuses.held_event("job-1") is None
+    assert statuses.pending_event("job-1") is None
 
 
 async def test_event_loop_finish_cancels_timer():
