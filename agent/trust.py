@@ -54,6 +54,9 @@ class TrustStore:
         self._lock = threading.Lock()
         self._root: RootState | None = None
         self._revocations: RevocationList | None = None
+        # Built on first use after each change of the root or the revocations, so that
+        # jobs share one view and its verified certificates.
+        self._view: TrustView | None = None
 
     def load(self) -> None:
         """Read the stored root and revocation list; blocking, call it in a thread."""
@@ -76,6 +79,8 @@ class TrustStore:
                 self._revocations = verify_revocation_list(envelope, self.root_key())
             except RejectedError as exc:
                 logger.error("stored revocation list ignored: %s", exc)
+        with self._lock:
+            self._view = None
         if self._revocations is not None:
             logger.info(
                 "loaded revocation list version %d with %d revoked keys",
@@ -92,11 +97,16 @@ class TrustStore:
 
     def view(self) -> TrustView:
         with self._lock:
-            root = self.root_key() if self._root else None
-            revoked = frozenset(self._revocations.revoked) if self._revocations else frozenset()
-        return TrustView(
-            root_key=root, revoked=revoked, direct_keys=self._direct, clock_skew=self._skew
-        )
+            if self._view is None:
+                root = self.root_key() if self._root else None
+                revoked = (
+                    frozenset(self._revocations.revoked) if self._revocations else frozenset()
+                )
+                self._view = TrustView(
+                    root_key=root, revoked=revoked, direct_keys=self._direct,
+                    clock_skew=self._skew,
+                )
+            return self._view
 
     def apply_revocations(self, envelope: Envelope) -> bool:
         """Accept a newer revocation list; return False when it is not newer."""
@@ -111,6 +121,7 @@ class TrustStore:
                 return False
             self._write_json("revocations.json", json.loads(envelope.model_dump_json()))
             self._revocations = revocations
+            self._view = None
         logger.warning(
             "applied revocation list version %d: %d keys revoked (%s)",
             revocations.version, len(revocations.revoked), ", ".join(revocations.revoked[:10]),
@@ -130,6 +141,7 @@ class TrustStore:
                     key=public_key_text(advance.key),
                 )
                 self._write_json("root.json", self._root.__dict__)
+                self._view = None
         if advance.accepted:
             logger.warning(
                 "root rotated to %s at version %d", key_id_for(advance.key), advance.version

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -41,6 +43,44 @@ from .signing import (
 )
 
 
+class VerifiedCertificates:
+    """Certificates whose root signature one root key verified, by their exact text.
+
+    The root's signature over the same body bytes verifies the same way every time,
+    so a certificate seen again skips the signature check and the parse of its body.
+    Its validity window and the revocations are still checked on every use.
+    """
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[
+            tuple[str, str], tuple[CertificateBody, Ed25519PublicKey]
+        ] = OrderedDict()
+        # A TrustView may be used from several threads at once.
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, certificate: Certificate) -> tuple[CertificateBody, Ed25519PublicKey] | None:
+        key = (certificate.body, certificate.signature)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def add(
+        self, certificate: Certificate, body: CertificateBody, public: Ed25519PublicKey
+    ) -> None:
+        key = (certificate.body, certificate.signature)
+        with self._lock:
+            self._entries[key] = (body, public)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+
 @dataclass(frozen=True)
 class TrustView:
     """The root, revocations and bare keys an agent trusts at one moment."""
@@ -50,6 +90,11 @@ class TrustView:
     # Keys trusted without a certificate, straight from the site config.
     direct_keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
     clock_skew: timedelta = timedelta(seconds=60)
+    # Filled by verify_certificate. A view has one root key, so a root rotation, which
+    # makes a new view, starts with no verified certificates.
+    certificates: VerifiedCertificates = field(
+        default_factory=VerifiedCertificates, compare=False, repr=False
+    )
 
     @property
     def root_key_id(self) -> str | None:
@@ -93,21 +138,12 @@ def verify_certificate(
             "the job carries a certificate but this site pins no root key "
             "(set trust.root_key in the site config)",
         )
-    data = _b64(certificate.body, "certificate body")
-    signature = _b64(certificate.signature, "certificate signature")
-    try:
-        trust.root_key.verify(signature, data)
-    except InvalidSignature:
-        raise RejectedError(
-            ErrorCode.BAD_CERTIFICATE,
-            f"certificate is not signed by the current root key {trust.root_key_id}; "
-            "a root rotation invalidates certificates of the earlier root",
-        ) from None
-    try:
-        body = parse_payload(data, CertificateBody)
-    except RejectedError as exc:
-        raise RejectedError(ErrorCode.BAD_CERTIFICATE, exc.message) from None
-    public = load_certified_key(body)
+    verified = trust.certificates.get(certificate)
+    if verified is None:
+        body, public = _check_root_signature(certificate, trust.root_key)
+        trust.certificates.add(certificate, body, public)
+    else:
+        body, public = verified
 
     now = now or utc_now()
     if now + trust.clock_skew < body.not_before:
@@ -124,6 +160,27 @@ def verify_certificate(
     if body.key_id in trust.revoked:
         raise RejectedError(ErrorCode.KEY_REVOKED, f"signing key {body.key_id} is revoked")
     return body, public
+
+
+def _check_root_signature(
+    certificate: Certificate, root_key: Ed25519PublicKey
+) -> tuple[CertificateBody, Ed25519PublicKey]:
+    """Verify a certificate's signature by `root_key` and return its body and key."""
+    data = _b64(certificate.body, "certificate body")
+    signature = _b64(certificate.signature, "certificate signature")
+    try:
+        root_key.verify(signature, data)
+    except InvalidSignature:
+        raise RejectedError(
+            ErrorCode.BAD_CERTIFICATE,
+            f"certificate is not signed by the current root key {key_id_for(root_key)}; "
+            "a root rotation invalidates certificates of the earlier root",
+        ) from None
+    try:
+        body = parse_payload(data, CertificateBody)
+    except RejectedError as exc:
+        raise RejectedError(ErrorCode.BAD_CERTIFICATE, exc.message) from None
+    return body, load_certified_key(body)
 
 
 def load_certified_key(body: CertificateBody) -> Ed25519PublicKey:

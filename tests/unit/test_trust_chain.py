@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import timedelta
 
 import pytest
@@ -11,6 +12,7 @@ from fairu.protocol.models import RootChain
 from fairu.protocol.signing import generate_private_key, key_id_for, sign_payload
 from fairu.protocol.trust import (
     TrustView,
+    VerifiedCertificates,
     advance_root,
     issue_certificate,
     sign_job,
@@ -21,16 +23,6 @@ from fairu.protocol.trust import (
 )
 
 PAYLOAD = b'{"protocol": 1}'
-
-
-@pytest.fixture
-def root():
-    return generate_private_key()
-
-
-@pytest.fixture
-def signer():
-    return generate_private_key()
 
 
 def certified(root, signer, start_offset_s=-60, lifetime_s=3600):
@@ -90,6 +82,76 @@ def test_certificate_for_other_key(root, signer):
 def test_uncertified_key_with_root_pinned(root, signer):
     envelope = sign_job(PAYLOAD, signer, None)
     assert code_of(envelope, view(root)) is ErrorCode.UNKNOWN_KEY
+
+
+def test_verified_certificate_is_kept(root, signer):
+    trust = view(root)
+    envelope = sign_job(PAYLOAD, signer, certified(root, signer))
+    assert verify_job_envelope(envelope, trust) == PAYLOAD
+    assert len(trust.certificates) == 1
+    assert verify_job_envelope(envelope, trust) == PAYLOAD
+    assert len(trust.certificates) == 1
+
+
+def test_rejected_certificate_is_not_kept(root, signer):
+    trust = view(root)
+    envelope = sign_job(PAYLOAD, signer, certified(generate_private_key(), signer))
+    assert code_of(envelope, trust) is ErrorCode.BAD_CERTIFICATE
+    assert len(trust.certificates) == 0
+    assert code_of(envelope, trust) is ErrorCode.BAD_CERTIFICATE
+
+
+def test_kept_certificate_with_other_signature(root, signer):
+    trust = view(root)
+    certificate = certified(root, signer)
+    assert verify_job_envelope(sign_job(PAYLOAD, signer, certificate), trust) == PAYLOAD
+    # The same body under another signature is a different certificate to the cache.
+    forged_signature = base64.b64encode(bytes(64)).decode("ascii")
+    forged = certificate.model_copy(update={"signature": forged_signature})
+    assert code_of(sign_job(PAYLOAD, signer, forged), trust) is ErrorCode.BAD_CERTIFICATE
+
+
+def test_kept_certificate_still_expires(root, signer):
+    trust = view(root, clock_skew=timedelta(0))
+    envelope = sign_job(PAYLOAD, signer, certified(root, signer, -60, 3600))
+    assert verify_job_envelope(envelope, trust) == PAYLOAD
+    later = utc_now() + timedelta(hours=2)
+    with pytest.raises(RejectedError) as caught:
+        verify_job_envelope(envelope, trust, now=later)
+    assert caught.value.code is ErrorCode.CERTIFICATE_EXPIRED
+
+
+def test_kept_certificate_still_revocable(root, signer):
+    trust = view(root)
+    envelope = sign_job(PAYLOAD, signer, certified(root, signer))
+    assert verify_job_envelope(envelope, trust) == PAYLOAD
+    revoked = view(
+        root,
+        revoked=frozenset({key_id_for(signer.public_key())}),
+        certificates=trust.certificates,
+    )
+    assert code_of(envelope, revoked) is ErrorCode.KEY_REVOKED
+
+
+def test_kept_certificate_checks_job_signature(root, signer):
+    trust = view(root)
+    certificate = certified(root, signer)
+    envelope = sign_job(PAYLOAD, signer, certificate)
+    assert verify_job_envelope(envelope, trust) == PAYLOAD
+    forged_signature = base64.b64encode(bytes(64)).decode("ascii")
+    forged = envelope.model_copy(update={"signature": forged_signature})
+    assert code_of(forged, trust) is ErrorCode.BAD_SIGNATURE
+
+
+def test_verified_certificates_bounded(root):
+    trust = view(root, certificates=VerifiedCertificates(max_entries=2))
+    signers = [generate_private_key() for _ in range(3)]
+    certificates = [certified(root, signer) for signer in signers]
+    for signer, certificate in zip(signers, certificates):
+        assert verify_job_envelope(sign_job(PAYLOAD, signer, certificate), trust) == PAYLOAD
+    assert len(trust.certificates) == 2
+    assert trust.certificates.get(certificates[0]) is None
+    assert trust.certificates.get(certificates[2]) is not None
 
 
 def test_revocation_list_roundtrip(root):
