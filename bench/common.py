@@ -27,8 +27,9 @@ from types import ModuleType
 import pika
 import psutil
 
-from fairu.protocol.models import JobSpec, Resources, utc_now
-from fairu.protocol.signing import generate_private_key, public_key_text, sign_model
+from fairu.protocol.models import Certificate, JobSpec, Resources, utc_now
+from fairu.protocol.signing import generate_private_key, public_key_text
+from fairu.protocol.trust import issue_certificate, sign_job
 from fairu.protocol.topology import job_queue_arguments
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -189,11 +190,28 @@ class BenchMessage:
 class SigningKey:
     private: object
     public_text: str
+    # Set for a key that a root certified. The agents then pin `root_text`.
+    certificate: Certificate | None = None
+    root_text: str | None = None
 
 
-def make_signing_key() -> SigningKey:
+def make_signing_key(certified: bool = False) -> SigningKey:
+    """Make a job-signing key, with a root key and a certificate when `certified`.
+
+    Agents trust an uncertified key directly. A certified key signs jobs as
+    `fairu-admin submit` does, so each job carries the certificate that the agent
+    checks against the pinned root.
+    """
     key = generate_private_key()
-    return SigningKey(key, public_key_text(key.public_key()))
+    public_text = public_key_text(key.public_key())
+    if not certified:
+        return SigningKey(key, public_text)
+    root = generate_private_key()
+    now = utc_now()
+    certificate = issue_certificate(
+        root, key.public_key(), now - timedelta(minutes=5), now + timedelta(hours=12)
+    )
+    return SigningKey(key, public_text, certificate, public_key_text(root.public_key()))
 
 
 # The resources of a null-runner job, small enough that 64 of them fit the admission
@@ -236,7 +254,8 @@ def signed_fairu_messages(
     for index in range(count):
         job_id = f"{tag}-{index:05d}"
         job = build_job(competition, queue, job_id, command, resources)
-        body = sign_model(job, key.private)
+        envelope = sign_job(job.model_dump_json().encode(), key.private, key.certificate)
+        body = envelope.model_dump_json(exclude_none=True).encode()
         messages.append(BenchMessage(job_id, body, persistent_properties(job_id)))
     return messages
 
@@ -561,6 +580,8 @@ socket = "{podman_socket}"
 
 def signing_key_trust(key: SigningKey) -> str:
     """Return the [trust] body that accepts jobs signed by `key`."""
+    if key.root_text is not None:
+        return f'root_key = "{key.root_text}"'
     return f'signing_keys = ["{key.public_text}"]'
 
 

@@ -8,6 +8,7 @@ jobs one at a time. The systems run in interleaved rounds, and each ratio is tak
 within one round, so load from other users of the machine hits both sides alike.
 
     .venv/bin/python bench/control_plane.py      # 3 rounds of 2,000 jobs per system
+    .venv/bin/python bench/control_plane.py --certified   # jobs carry certificates
 """
 
 from __future__ import annotations
@@ -79,16 +80,20 @@ class CeleryConfig:
 
 def fairu_system(
     topology: common.BenchTopology, folder: Path, url: str, slots: int, log_level: str,
-    skip: str, trace: bool, tree: Path | None = None,
+    skip: str, trace: bool, tree: Path | None = None, certified: bool = False,
 ) -> System:
-    """Return an agent system; `tree` is another fairu source tree that it runs."""
+    """Return an agent system; `tree` is another fairu source tree that it runs.
+
+    With `certified`, its jobs carry a certificate of their signing key, and the agent
+    pins the root key that issued it.
+    """
     competition = f"b{uuid.uuid4().hex[:8]}"
     queue = "cpu"
     topology.declare_job_queue(
         job_queue_name(competition, queue), JOBS_EXCHANGE, job_routing_key(competition, queue),
         own_exchange=False,
     )
-    key = common.make_signing_key()
+    key = common.make_signing_key(certified)
     name = f"fairu, {slots} slots" + (f", without {skip}" if skip else "")
     if tree is not None:
         name += f", {tree.name}"
@@ -261,6 +266,11 @@ def parse_args() -> argparse.Namespace:
         "--trace-agent", action="store_true",
         help="print the mean time of each stage of an agent's jobs, over all its jobs",
     )
+    parser.add_argument(
+        "--certified", action="store_true",
+        help="sign the agents' jobs with a root-certified key, as `fairu-admin submit` "
+        "does, instead of a key that the agents trust directly",
+    )
     parser.add_argument("--only", help="comma-separated subset of fairu,celery,raw")
     parser.add_argument("--keep", action="store_true", help="keep the work folder and logs")
 
@@ -280,17 +290,17 @@ def build_systems(
         for slots in slot_counts:
             systems.append(fairu_system(
                 topology, folder, args.broker, slots, args.agent_log_level, "",
-                args.trace_agent,
+                args.trace_agent, certified=args.certified,
             ))
         for tree in args.fairu_tree:
             systems.append(fairu_system(
                 topology, folder, args.broker, slot_counts[0], args.agent_log_level, "",
-                args.trace_agent, tree,
+                args.trace_agent, tree, certified=args.certified,
             ))
         for skip in args.fairu_skip:
             systems.append(fairu_system(
                 topology, folder, args.broker, slot_counts[0], args.agent_log_level, skip,
-                args.trace_agent,
+                args.trace_agent, certified=args.certified,
             ))
     if "celery" in wanted:
         for index, config in enumerate(args.celery):
