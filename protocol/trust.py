@@ -44,17 +44,21 @@ from .signing import (
 
 
 class VerifiedCertificates:
-    """Certificates whose root signature one root key verified, by their exact text.
+    """Certificates whose signature a root key verified, by that key and their exact text.
 
     The root's signature over the same body bytes verifies the same way every time,
     so a certificate seen again skips the signature check and the parse of its body.
-    Its validity window and the revocations are still checked on every use.
+    Its validity window and the revocations are still checked on every use. The root
+    key is part of each entry's key, so a cache shared with a view of another root
+    finds nothing there.
     """
 
     def __init__(self, max_entries: int = 64) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, not {max_entries}")
         self.max_entries = max_entries
         self._entries: OrderedDict[
-            tuple[str, str], tuple[CertificateBody, Ed25519PublicKey]
+            tuple[bytes, str, str], tuple[CertificateBody, Ed25519PublicKey]
         ] = OrderedDict()
         # A TrustView may be used from several threads at once.
         self._lock = threading.Lock()
@@ -62,8 +66,10 @@ class VerifiedCertificates:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, certificate: Certificate) -> tuple[CertificateBody, Ed25519PublicKey] | None:
-        key = (certificate.body, certificate.signature)
+    def get(
+        self, root_key: Ed25519PublicKey, certificate: Certificate
+    ) -> tuple[CertificateBody, Ed25519PublicKey] | None:
+        key = _certificate_key(root_key, certificate)
         with self._lock:
             found = self._entries.get(key)
             if found is not None:
@@ -71,14 +77,24 @@ class VerifiedCertificates:
             return found
 
     def add(
-        self, certificate: Certificate, body: CertificateBody, public: Ed25519PublicKey
+        self,
+        root_key: Ed25519PublicKey,
+        certificate: Certificate,
+        body: CertificateBody,
+        public: Ed25519PublicKey,
     ) -> None:
-        key = (certificate.body, certificate.signature)
+        key = _certificate_key(root_key, certificate)
         with self._lock:
             self._entries[key] = (body, public)
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
+
+
+def _certificate_key(
+    root_key: Ed25519PublicKey, certificate: Certificate
+) -> tuple[bytes, str, str]:
+    return (root_key.public_bytes_raw(), certificate.body, certificate.signature)
 
 
 @dataclass(frozen=True)
@@ -90,8 +106,7 @@ class TrustView:
     # Keys trusted without a certificate, straight from the site config.
     direct_keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
     clock_skew: timedelta = timedelta(seconds=60)
-    # Filled by verify_certificate. A view has one root key, so a root rotation, which
-    # makes a new view, starts with no verified certificates.
+    # Filled by verify_certificate.
     certificates: VerifiedCertificates = field(
         default_factory=VerifiedCertificates, compare=False, repr=False
     )
@@ -138,10 +153,10 @@ def verify_certificate(
             "the job carries a certificate but this site pins no root key "
             "(set trust.root_key in the site config)",
         )
-    verified = trust.certificates.get(certificate)
+    verified = trust.certificates.get(trust.root_key, certificate)
     if verified is None:
         body, public = _check_root_signature(certificate, trust.root_key)
-        trust.certificates.add(certificate, body, public)
+        trust.certificates.add(trust.root_key, certificate, body, public)
     else:
         body, public = verified
 

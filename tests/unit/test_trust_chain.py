@@ -15,6 +15,7 @@ from fairu.protocol.trust import (
     VerifiedCertificates,
     advance_root,
     issue_certificate,
+    read_certificate,
     sign_job,
     sign_revocation_list,
     sign_rotation,
@@ -143,15 +144,49 @@ def test_kept_certificate_checks_job_signature(root, signer):
     assert code_of(forged, trust) is ErrorCode.BAD_SIGNATURE
 
 
+def test_kept_certificate_skips_root_check(root, signer):
+    # A certificate that no root here signed, put in the cache by hand: only a cache
+    # hit can make the job pass.
+    other_root = generate_private_key()
+    certificate = certified(other_root, signer)
+    trust = view(root)
+    trust.certificates.add(
+        root.public_key(), certificate, read_certificate(certificate), signer.public_key()
+    )
+    assert verify_job_envelope(sign_job(PAYLOAD, signer, certificate), trust) == PAYLOAD
+
+
+def test_kept_certificate_other_root(root, signer):
+    old_view = view(root)
+    envelope = sign_job(PAYLOAD, signer, certified(root, signer))
+    assert verify_job_envelope(envelope, old_view) == PAYLOAD
+    new_root = generate_private_key()
+    new_view = view(new_root, certificates=old_view.certificates)
+    assert code_of(envelope, new_view) is ErrorCode.BAD_CERTIFICATE
+
+
 def test_verified_certificates_bounded(root):
     trust = view(root, certificates=VerifiedCertificates(max_entries=2))
     signers = [generate_private_key() for _ in range(3)]
     certificates = [certified(root, signer) for signer in signers]
-    for signer, certificate in zip(signers, certificates):
-        assert verify_job_envelope(sign_job(PAYLOAD, signer, certificate), trust) == PAYLOAD
+    envelopes = [
+        sign_job(PAYLOAD, signer, certificate)
+        for signer, certificate in zip(signers, certificates)
+    ]
+    assert verify_job_envelope(envelopes[0], trust) == PAYLOAD
+    assert verify_job_envelope(envelopes[1], trust) == PAYLOAD
+    # The first is used again, so the second is the least recently used.
+    assert verify_job_envelope(envelopes[0], trust) == PAYLOAD
+    assert verify_job_envelope(envelopes[2], trust) == PAYLOAD
     assert len(trust.certificates) == 2
-    assert trust.certificates.get(certificates[0]) is None
-    assert trust.certificates.get(certificates[2]) is not None
+    assert trust.certificates.get(root.public_key(), certificates[1]) is None
+    assert trust.certificates.get(root.public_key(), certificates[0]) is not None
+    assert trust.certificates.get(root.public_key(), certificates[2]) is not None
+
+
+def test_verified_certificates_size_checked():
+    with pytest.raises(ValueError, match="max_entries must be at least 1, not 0"):
+        VerifiedCertificates(max_entries=0)
 
 
 def test_revocation_list_roundtrip(root):

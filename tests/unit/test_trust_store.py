@@ -42,6 +42,15 @@ def rejection_code(envelope, store):
     return caught.value.code
 
 
+def test_load_replaces_view(tmp_path, root):
+    store = TrustStore(tmp_path / "trust", root.public_key(), {}, timedelta(seconds=60))
+    assert store.view().root_key is None
+    store.load()
+    loaded = store.view().root_key
+    assert loaded is not None
+    assert key_id_for(loaded) == key_id_for(root.public_key())
+
+
 def test_view_shared_between_jobs(store, root, signer):
     first = store.view()
     assert verify_job_envelope(certified_job(root, signer), first) == PAYLOAD
