@@ -85,12 +85,13 @@ def main() -> int:
         threaded_s.append(two_threads(verify, args.count))
         new_view_s.append(time_calls(verify_certified_new_view, args.count))
         kept_view_s.append(time_calls(verify_certified_kept_view, args.count))
-    one = statistics.median(verify_s)
+    single_thread_s = statistics.median(verify_s)
     print(f"{args.count} calls per measurement, {MESSAGE_BYTES}-byte message, "
           f"medians of {args.rounds} rounds")
-    print(f"check (verify)   {one / args.count * 1e6:6.1f} us per call")
+    print(f"check (verify)   {single_thread_s / args.count * 1e6:6.1f} us per call")
     print(f"signature (sign) {statistics.median(sign_s) / args.count * 1e6:6.1f} us per call")
-    print(f"check in 2 threads: {one / statistics.median(threaded_s):.2f} times the rate of one")
+    threaded_rate = single_thread_s / statistics.median(threaded_s)
+    print(f"check in 2 threads: {threaded_rate:.2f} times the rate of one")
     new_view = statistics.median(new_view_s) / args.count * 1e6
     kept_view = statistics.median(kept_view_s) / args.count * 1e6
     print(f"certified job, new trust view  {new_view:6.1f} us per call")

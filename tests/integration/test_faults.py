@@ -109,8 +109,8 @@ async def test_result_spooled_while_broker_down(private_site):
     try:
         stored = await private_site.recorded_once(job.job_id)
     except AssertionError as exc:
-        # NOTE: this wait timed out once in a full suite run and never alone; the
-        # agent's log shows how far its reconnect and the spool got.
+        # NOTE: this wait timed out once in a full suite run, and never when run alone.
+        # The agent's log shows how far its reconnect and the spool got.
         raise AssertionError(f"{exc}; the agent's log ends with:\n{agent.log()[-6000:]}") from None
     assert stored.status == "succeeded"
     assert unconfirmed_results(agent.state_dir) == []

@@ -40,15 +40,15 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[StateDir, li
     """A prepared state folder that lists the job ids it made work folders for."""
     folder = StateDir(tmp_path / "state")
     folder.prepare()
-    made: list[str] = []
+    created: list[str] = []
     make = StateDir.make_work_dir
 
     def counted(self: StateDir, job_id: str) -> Path:
-        made.append(job_id)
+        created.append(job_id)
         return make(self, job_id)
 
     monkeypatch.setattr(StateDir, "make_work_dir", counted)
-    yield folder, made
+    yield folder, created
     folder.close()
 
 
@@ -75,24 +75,24 @@ async def run_job(folder: StateDir, job: JobSpec) -> JobResult:
 
 
 async def test_no_op_job_gets_no_folder(state):
-    folder, made = state
+    folder, created = state
 
     result = await run_job(folder, job_spec())
 
     assert result.status is FinalStatus.SUCCEEDED
-    assert made == []
+    assert created == []
     assert result.scores == {}
     assert list(folder.work.iterdir()) == []
 
 
 async def test_shard_job_gets_a_folder(state):
-    folder, made = state
+    folder, created = state
     command = [SHARD_COMMAND, "0", "0", "1", "0", "2"]
 
     result = await run_job(folder, job_spec(command=command, artifacts=["predictions.json"]))
 
     assert result.status is FinalStatus.SUCCEEDED
-    assert made == ["job-1"]
+    assert created == ["job-1"]
     [artifact] = result.artifacts
     assert artifact.name == "predictions.json"
     assert b'"experiment": 1' in base64.b64decode(artifact.data)
@@ -102,11 +102,11 @@ async def test_shard_job_gets_a_folder(state):
 
 async def test_artifacts_need_a_folder(state):
     """A job that names artifacts gets a folder even from a runner that writes none."""
-    folder, made = state
+    folder, created = state
 
     result = await run_job(folder, job_spec(artifacts=["report.txt"]))
 
-    assert made == ["job-1"]
+    assert created == ["job-1"]
     assert result.status is FinalStatus.FAILED
     assert result.error is not None
     assert result.error.code == ErrorCode.MISSING_ARTIFACT
